@@ -1,0 +1,269 @@
+"""`outpost serve`: the agent process.
+
+Opens and locks the store, checks the key, restores a backup into a new data dir when asked,
+serves the local API, keeps every connection's UP current, and handles signals: SIGTERM and
+SIGINT drain and exit 0, SIGHUP reloads what can be reloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Generator
+from pathlib import Path
+
+import uvicorn
+
+from outpost import __version__
+from outpost.api.app import AgentState, create_app
+from outpost.api.service import AgentService
+from outpost.config import AgentConfig, LoadedConfig, load_config, split_host_port
+from outpost.errors import BackupError, ConfigError, OutpostError
+from outpost.logs import setup_logging
+
+log = logging.getLogger("outpost.agent")
+
+TOKEN_FILE = "api.token"
+API_FILE = "agent.api.json"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the runtime owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def bind_sockets(addresses: list[str]) -> list[socket.socket]:
+    sockets: list[socket.socket] = []
+    for address in addresses:
+        host, port = split_host_port(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            for s in sockets:
+                s.close()
+            raise OutpostError(
+                f"Cannot listen on {address} (api.client_bind_addresses): {exc.strerror}; "
+                "stop the other process or change api.client_bind_addresses."
+            ) from None
+        sock.listen(128)
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets
+
+
+def _url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class AgentRuntime:
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        *,
+        config_arg: str | None = None,
+        restore_path: str | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.config_arg = config_arg
+        self.restore_path = restore_path
+        self.stop_event = asyncio.Event()
+        self.reload_requested = asyncio.Event()
+
+    # --- startup ------------------------------------------------------------------------
+
+    def _restore(self, service: AgentService) -> None:
+        assert self.restore_path is not None
+        path = Path(self.restore_path).expanduser()
+        store = service.store
+        if store.started_at is not None or store.connections():
+            when = (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(store.started_at))
+                if store.started_at
+                else None
+            )
+            reason = (
+                f"it was first started at {when}" if when else "it already holds connections"
+            )
+            log.warning(
+                "restore from %s ignored: data dir %s is not new (%s); a backup is only "
+                "restored into a data dir that has never been started",
+                path,
+                store.data_dir,
+                reason,
+            )
+            return
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BackupError(f"Cannot read backup {path}: {exc.strerror}.") from None
+        count = service.restore(data, str(path))
+        log.info("restored %d connection(s) from %s", count, path)
+
+    async def main(self) -> int:
+        cfg = self.loaded.config
+        service = AgentService.open(self.loaded, owner="serve")
+        try:
+            return await self._serve(service, cfg)
+        finally:
+            for name in (API_FILE, TOKEN_FILE):
+                with contextlib.suppress(OSError):
+                    (service.store.data_dir / name).unlink()
+            service.close()
+
+    async def _serve(self, service: AgentService, cfg: AgentConfig) -> int:
+        for warning in service.warnings:
+            log.warning("%s", warning)
+        if self.restore_path:
+            self._restore(service)
+        sockets = bind_sockets(cfg.api.client_bind_addresses)
+        token = secrets.token_urlsafe(32)
+        data_dir = service.store.data_dir
+        _write_private(data_dir / TOKEN_FILE, token + "\n")
+        urls = [_url_of(s) for s in sockets]
+        service.api_url = urls[0]
+        _write_private(
+            data_dir / API_FILE,
+            json.dumps({"url": urls[0], "urls": urls, "pid": os.getpid(), "version": __version__}),
+        )
+        service.mark_started()
+        state = AgentState(service, token, cfg.query.workers)
+        app = create_app(state)
+        server = _Server(
+            uvicorn.Config(
+                app,
+                log_config=None,
+                lifespan="off",
+                timeout_graceful_shutdown=10,
+                access_log=False,
+            )
+        )
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
+        server_task = asyncio.create_task(server.serve(sockets=sockets))
+        while not server.started and not server_task.done():
+            await asyncio.sleep(0.01)
+        if server_task.done():
+            server_task.result()
+            return 1
+        state.ready = True
+        log.info(
+            "Outpost agent %s serving data dir %s on %s (%d connection(s))",
+            __version__,
+            data_dir,
+            ", ".join(urls),
+            len(service.store.slugs()),
+        )
+        checker = asyncio.create_task(self._check_loop(state))
+        reloader = asyncio.create_task(self._reload_loop(state))
+        await self.stop_event.wait()
+        log.info("stopping: draining requests")
+        state.draining = True
+        checker.cancel()
+        reloader.cancel()
+        server.should_exit = True
+        await server_task
+        with contextlib.suppress(asyncio.CancelledError):
+            await checker
+        log.info("stopped")
+        return 0
+
+    # --- background loops --------------------------------------------------------------------
+
+    async def _check_loop(self, state: AgentState) -> None:
+        while True:
+            try:
+                reports = await state.run(state.service.check_all)
+                drivers = {c.slug: c.driver for c in state.service.store.connections()}
+                for report in reports:
+                    driver = drivers.get(report.slug, "unknown")
+                    state.metrics.check_duration.labels(driver).observe(report.duration_seconds)
+                    state.metrics.checks.labels(driver, "up" if report.up else "down").inc()
+                    if not report.up:
+                        log.warning("connection %s is down: %s", report.slug, report.error)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("connection check failed")
+            await asyncio.sleep(self.loaded.config.checks.interval)
+
+    async def _reload_loop(self, state: AgentState) -> None:
+        while True:
+            await self.reload_requested.wait()
+            self.reload_requested.clear()
+            self.reload(state)
+
+    def reload(self, state: AgentState) -> None:
+        """SIGHUP: re-read the config, apply what can change without a restart."""
+        try:
+            new = load_config(self.config_arg)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        old = self.loaded.config
+        cfg = new.config
+        for what, before, after in (
+            ("data_dir", old.data_dir, cfg.data_dir),
+            ("key_path", old.key_path, cfg.key_path),
+            ("api.client_bind_addresses", old.api.client_bind_addresses,
+             cfg.api.client_bind_addresses),
+        ):
+            if before != after:
+                log.warning("%s changed; restart the agent to apply it", what)
+                setattr(cfg, what.split(".")[0], getattr(old, what.split(".")[0]))
+        cfg.api = old.api
+        setup_logging(cfg.log.format, cfg.log.level)
+        self.loaded = new
+        state.service.loaded = new
+        state.service.config = cfg
+        log.info(
+            "configuration reloaded from %s (log %s/%s, read_only %s, check interval %ss)",
+            new.source or "built-in defaults",
+            cfg.log.format,
+            cfg.log.level,
+            cfg.read_only,
+            cfg.checks.interval,
+        )
+
+
+def run_agent(
+    loaded: LoadedConfig, *, config_arg: str | None = None, restore_path: str | None = None
+) -> int:
+    setup_logging(loaded.config.log.format, loaded.config.log.level)
+    runtime = AgentRuntime(loaded, config_arg=config_arg, restore_path=restore_path)
+    try:
+        import uvloop
+
+        return uvloop.run(runtime.main())
+    except ImportError:
+        return asyncio.run(runtime.main())

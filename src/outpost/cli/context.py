@@ -1,0 +1,51 @@
+"""What every command shares: the config, and the way to reach the agent's operations."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import click
+
+from outpost.api.client import AgentClient
+from outpost.api.service import AgentService
+from outpost.config import LoadedConfig, load_config
+from outpost.state.store import AgentRunningError
+
+Backend = AgentService | AgentClient
+
+
+@dataclass
+class CliContext:
+    config_arg: str | None = None
+    debug: bool = False
+    _loaded: LoadedConfig | None = field(default=None, repr=False)
+
+    def loaded(self) -> LoadedConfig:
+        if self._loaded is None:
+            self._loaded = load_config(self.config_arg)
+        return self._loaded
+
+    @contextlib.contextmanager
+    def backend(self) -> Iterator[Backend]:
+        """The running agent's API when `outpost serve` owns the data dir, else the store.
+
+        Never two writers: the store is locked while a command holds it, and a running agent
+        is asked through its API instead of opening the store a second time.
+        """
+        loaded = self.loaded()
+        backend: Backend
+        try:
+            service = AgentService.open(loaded, owner="cli")
+        except AgentRunningError:
+            backend = AgentClient.from_data_dir(loaded.config.data_dir)
+        else:
+            backend = service
+        try:
+            yield backend
+        finally:
+            backend.close()
+
+
+pass_cli = click.make_pass_decorator(CliContext, ensure=True)
