@@ -60,7 +60,14 @@ def mysql_dsn() -> str:
 
     params = _mysql_params(MYSQL_DSN)
     try:
-        conn = pymysql.connect(connect_timeout=5, **params)  # type: ignore[arg-type]
+        conn = pymysql.connect(
+            host=str(params["host"]),
+            port=int(str(params["port"])),
+            user=str(params["user"]),
+            password=str(params["password"]),
+            database=str(params["database"]),
+            connect_timeout=5,
+        )
         conn.close()
     except pymysql.MySQLError as exc:
         service_missing(f"MariaDB/MySQL at {MYSQL_DSN} is not reachable: {exc}")
@@ -88,8 +95,10 @@ def mysql_params(mysql_dsn: str) -> dict[str, object]:
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     """No OUTPOST_* variables and a private HOME/XDG dirs, so no real config is found."""
     for name in list(os.environ):
-        if name.startswith("OUTPOST_") and not name.startswith("OUTPOST_TEST_") and (
-            name != "OUTPOST_REQUIRE_SERVICES"
+        if (
+            name.startswith("OUTPOST_")
+            and not name.startswith("OUTPOST_TEST_")
+            and (name != "OUTPOST_REQUIRE_SERVICES")
         ):
             monkeypatch.delenv(name)
     home = tmp_path / "home"

@@ -206,7 +206,7 @@ class AgentConfig(Section):
 
 
 SECTIONS: dict[str, type[Section]] = {
-    name: info.annotation  # type: ignore[misc]
+    name: info.annotation
     for name, info in AgentConfig.model_fields.items()
     if isinstance(info.annotation, type) and issubclass(info.annotation, Section)
 }
@@ -281,9 +281,7 @@ def _resolve_secret_refs(
                 return None
             if kind == "$env":
                 if ref not in os.environ:
-                    problems.append(
-                        f"{where}: key '{key}': environment variable {ref} is not set"
-                    )
+                    problems.append(f"{where}: key '{key}': environment variable {ref} is not set")
                     return None
                 return os.environ[ref]
             try:
@@ -352,9 +350,7 @@ def _relative_to(base: Path | None, value: Path | None) -> Path | None:
     return value
 
 
-def load_config(
-    explicit: str | None = None, env: Mapping[str, str] | None = None
-) -> LoadedConfig:
+def load_config(explicit: str | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:
     """Find, read and validate the configuration, reporting every problem at once."""
     env = os.environ if env is None else env
     path, was_explicit = discover_config_path(explicit, env)

@@ -48,8 +48,9 @@ def test_root_reads_only_etc(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -
     assert path in (None, Path("/etc/outpost/agent.json"))
 
 
-def test_explicit_path_and_env(clean_env: Path, tmp_path: Path,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_explicit_path_and_env(
+    clean_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     a = write(tmp_path / "a.json", {"read_only": True})
     b = write(tmp_path / "b.json", {"read_only": False})
     monkeypatch.setenv("OUTPOST_CONFIG", str(a))
@@ -125,8 +126,9 @@ def test_env_error_names_the_variable(clean_env: Path, monkeypatch: pytest.Monke
     assert str(err.value).startswith("OUTPOST_LOG_FORMAT: key 'log.format'")
 
 
-def test_secret_refs_and_redaction(clean_env: Path, tmp_path: Path,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_secret_refs_and_redaction(
+    clean_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     secret_file = tmp_path / "dsn"
     secret_file.write_text("postgresql://u:hunter2@db/auth\n")
     monkeypatch.setenv("MY_HQ_TOKEN", "very-secret-token")
@@ -135,8 +137,10 @@ def test_secret_refs_and_redaction(clean_env: Path, tmp_path: Path,
         {
             "hq": {"url": "https://hq.example", "token": {"$env": "MY_HQ_TOKEN"}},
             "pooler": {"auth_db_dsn": {"$file": str(secret_file)}},
-            "storage": {"backend": "s3",
-                        "backends": {"s3": {"bucket": "b", "secret_access_key": "AKIAXX"}}},
+            "storage": {
+                "backend": "s3",
+                "backends": {"s3": {"bucket": "b", "secret_access_key": "AKIAXX"}},
+            },
         },
     )
     loaded = load_config(str(path))

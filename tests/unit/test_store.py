@@ -33,11 +33,25 @@ from outpost.state.store import AgentRunningError, Store
 KEY = Key(bytes(range(64)), "/k")
 
 
-def add(store: Store, slug: str, name: str, options: dict[str, object] | None = None,
-        key: Key | None = None) -> None:
+def add(
+    store: Store,
+    slug: str,
+    name: str,
+    options: dict[str, object] | None = None,
+    key: Key | None = None,
+) -> None:
     blob, enc = encode_options(options or {"host": "h"}, key)
-    store.apply(AddConnection(slug=slug, name=name, driver="postgres", options_b64=b64(blob),
-                              encrypted=enc, key_id=key.id if key else None, at=1.0))
+    store.apply(
+        AddConnection(
+            slug=slug,
+            name=name,
+            driver="postgres",
+            options_b64=b64(blob),
+            encrypted=enc,
+            key_id=key.id if key else None,
+            at=1.0,
+        )
+    )
 
 
 def test_apply_add_rename_delete(tmp_path: Path) -> None:
@@ -83,8 +97,10 @@ def test_second_agent_is_refused(tmp_path: Path) -> None:
 
 
 def test_cli_lock_waits_then_names_holder(tmp_path: Path) -> None:
-    with Store(tmp_path / "d", owner="cli"):
-        with pytest.raises(DataDirLockedError, match=f"in use by pid {os.getpid()}"):
+    with (
+        Store(tmp_path / "d", owner="cli"),
+        pytest.raises(DataDirLockedError, match=f"in use by pid {os.getpid()}"),
+    ):
             Store(tmp_path / "d", owner="cli", wait_for_cli=0.2)
 
 
@@ -94,8 +110,9 @@ def test_restore_only_into_new_store(tmp_path: Path) -> None:
         data = backup.dump(src.connections(), KEY, src.key_id)
     payload = backup.load(data, KEY, source="b")
     with Store(tmp_path / "new") as new:
-        new.apply(RestoreConnections(connections=payload.connections, key_id=payload.key_id,
-                                     at=5.0))
+        new.apply(
+            RestoreConnections(connections=payload.connections, key_id=payload.key_id, at=5.0)
+        )
         assert decode_options(new.connection("a"), KEY) == {"password": "s3cr3t"}
         assert new.key_id == KEY.id
     with Store(tmp_path / "used") as used:
@@ -161,8 +178,9 @@ def _count(db_path: Path) -> int:
 def test_killed_mid_write_leaves_a_consistent_store(tmp_path: Path) -> None:
     data_dir = tmp_path / "d"
     for round_ in range(1, 4):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(data_dir)],
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(data_dir)], stdout=subprocess.PIPE, text=True
+        )
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
         deadline = time.monotonic() + 30

@@ -62,9 +62,7 @@ class AgentState:
         self.draining = False
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await anyio.to_thread.run_sync(
-            lambda: fn(*args, **kwargs), limiter=self.limiter
-        )
+        return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self.limiter)
 
 
 def _dump(value: Any) -> Any:

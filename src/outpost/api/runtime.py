@@ -30,7 +30,7 @@ from outpost.logs import setup_logging
 
 log = logging.getLogger("outpost.agent")
 
-TOKEN_FILE = "api.token"
+TOKEN_FILE = "api.token"  # noqa: S105 - a file name
 API_FILE = "agent.api.json"
 
 
@@ -67,7 +67,7 @@ def bind_sockets(addresses: list[str]) -> list[socket.socket]:
 
 def _url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
-    if host in ("0.0.0.0", "::"):
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - mapping a wildcard bind to loopback
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
@@ -110,9 +110,7 @@ class AgentRuntime:
                 if store.started_at
                 else None
             )
-            reason = (
-                f"it was first started at {when}" if when else "it already holds connections"
-            )
+            reason = f"it was first started at {when}" if when else "it already holds connections"
             log.warning(
                 "restore from %s ignored: data dir %s is not new (%s); a backup is only "
                 "restored into a data dir that has never been started",
@@ -235,8 +233,11 @@ class AgentRuntime:
         for what, before, after in (
             ("data_dir", old.data_dir, cfg.data_dir),
             ("key_path", old.key_path, cfg.key_path),
-            ("api.client_bind_addresses", old.api.client_bind_addresses,
-             cfg.api.client_bind_addresses),
+            (
+                "api.client_bind_addresses",
+                old.api.client_bind_addresses,
+                cfg.api.client_bind_addresses,
+            ),
         ):
             if before != after:
                 log.warning("%s changed; restart the agent to apply it", what)
@@ -263,7 +264,6 @@ def run_agent(
     runtime = AgentRuntime(loaded, config_arg=config_arg, restore_path=restore_path)
     try:
         import uvloop
-
-        return uvloop.run(runtime.main())
     except ImportError:
         return asyncio.run(runtime.main())
+    return int(uvloop.run(runtime.main()))

@@ -29,7 +29,14 @@ from outpost.config import LoadedConfig
 from outpost.crypto import Key, load_key_file
 from outpost.drivers import get_driver
 from outpost.drivers.base import Driver, DriverContext, DriverOptions, Progress
-from outpost.errors import ConflictError, DriverError, KeyError_, OutpostError, ReadOnlyError, UsageError
+from outpost.errors import (
+    ConflictError,
+    DriverError,
+    KeyError_,
+    OutpostError,
+    ReadOnlyError,
+    UsageError,
+)
 from outpost.state import backup as backup_format
 from outpost.state.codec import decode_options, encode_options
 from outpost.state.commands import (
@@ -90,6 +97,8 @@ class AgentService:
         self.started_at: float | None = None
         self.api_url: str | None = None
         self._status_lock = threading.Lock()
+        #: warnings every CLI command repeats (the unencrypted-without-key one only serve says)
+        self.cli_warnings: list[str] = []
         self.warnings = self._check_key() if check_key else []
 
     @classmethod
@@ -133,10 +142,11 @@ class AgentService:
                 "`outpost key rotate --old-key OLD_KEY_FILE`."
             )
         if plain:
-            return [
+            self.cli_warnings = [
                 f"{len(plain)} connection(s) in {data_dir} were stored before a key was set "
                 "and are unencrypted; run `outpost key rotate` to encrypt them."
             ]
+            return self.cli_warnings
         return []
 
     # --- helpers --------------------------------------------------------------------------
@@ -253,8 +263,14 @@ class AgentService:
         slug = self._unique_slug(name)
         report: TestReport | None = None
         if verify:
-            driver = cls(parsed, DriverContext(connection=name, progress=self.progress,
-                                               cache_dir=self.store.data_dir / "cache" / slug))
+            driver = cls(
+                parsed,
+                DriverContext(
+                    connection=name,
+                    progress=self.progress,
+                    cache_dir=self.store.data_dir / "cache" / slug,
+                ),
+            )
             report = self._verify(driver, "saved")
         blob, encrypted = encode_options(storable_options(parsed), self.key)
         self.store.apply(
@@ -371,7 +387,10 @@ class AgentService:
                 reports.append(self.test_connection(stored.slug))
             except OutpostError as exc:
                 report = TestReport(
-                    slug=stored.slug, name=stored.name, up=False, duration_seconds=0.0,
+                    slug=stored.slug,
+                    name=stored.name,
+                    up=False,
+                    duration_seconds=0.0,
                     error=str(exc),
                 )
                 self._record(report)

@@ -23,9 +23,7 @@ def write_atomically(path: Path, data: bytes, *, show_progress: bool = True) -> 
     if path.is_dir():
         raise BackupError(f"Cannot write backup to {path}: it is a directory; give a file path.")
     if not directory.is_dir():
-        raise BackupError(
-            f"Cannot write backup to {path}: directory {directory} does not exist."
-        )
+        raise BackupError(f"Cannot write backup to {path}: directory {directory} does not exist.")
     tmp = directory / f".{path.name}.{os.getpid()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -34,10 +32,17 @@ def write_atomically(path: Path, data: bytes, *, show_progress: bool = True) -> 
             f"Cannot write backup to {path}: {exc.strerror}; choose a writable path."
         ) from None
     try:
-        with os.fdopen(fd, "wb") as fh, Progress(
-            TextColumn("backup"), BarColumn(), DownloadColumn(),
-            console=console(stderr=True), disable=not show_progress, transient=True,
-        ) as progress:
+        with (
+            os.fdopen(fd, "wb") as fh,
+            Progress(
+                TextColumn("backup"),
+                BarColumn(),
+                DownloadColumn(),
+                console=console(stderr=True),
+                disable=not show_progress,
+                transient=True,
+            ) as progress,
+        ):
             task = progress.add_task("write", total=len(data))
             for start in range(0, len(data), CHUNK):
                 fh.write(data[start : start + CHUNK])
@@ -52,8 +57,13 @@ def write_atomically(path: Path, data: bytes, *, show_progress: bool = True) -> 
 
 
 @click.command()
-@click.option("--path", "path", required=True, type=click.Path(path_type=Path),
-              help="The backup file to write.")
+@click.option(
+    "--path",
+    "path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The backup file to write.",
+)
 @pass_cli
 def backup(cli: CliContext, path: Path) -> None:
     """Write the connection data (not cluster metadata) to a checked, encrypted file.

@@ -31,8 +31,11 @@ def read_password(
     value: str | None, source: ParameterSource | None, file: str | None, env: str | None
 ) -> str | None:
     """The password from exactly one of: prompt, --password-file, --password-env, --password."""
-    given = [n for n, v in (("--password", value), ("--password-file", file),
-                            ("--password-env", env)) if v is not None]
+    given = [
+        n
+        for n, v in (("--password", value), ("--password-file", file), ("--password-env", env))
+        if v is not None
+    ]
     if len(given) > 1:
         raise UsageError(f"Give the password one way only, not {' and '.join(given)}.")
     if file is not None:
@@ -108,12 +111,16 @@ def _driver_command(driver_cls: type[Driver]) -> click.Command:
                 )
             )
             params.append(
-                click.Option(["--password-file"], metavar="PATH",
-                             help="Read the password from this file.")
+                click.Option(
+                    ["--password-file"], metavar="PATH", help="Read the password from this file."
+                )
             )
             params.append(
-                click.Option(["--password-env"], metavar="NAME",
-                             help="Read the password from this environment variable.")
+                click.Option(
+                    ["--password-env"],
+                    metavar="NAME",
+                    help="Read the password from this environment variable.",
+                )
             )
         elif base is bool:
             params.append(
@@ -126,16 +133,27 @@ def _driver_command(driver_cls: type[Driver]) -> click.Command:
             )
         else:
             params.append(
-                click.Option([_option_flag(name)], name, type=_click_type(info.annotation),
-                             default=None, help=_help(info))
+                click.Option(
+                    [_option_flag(name)],
+                    name,
+                    type=_click_type(info.annotation),
+                    default=None,
+                    help=_help(info),
+                )
             )
     params.append(
-        click.Option(["--no-verify"], is_flag=True,
-                     help="Save without connecting to check the options.")
+        click.Option(
+            ["--no-verify"], is_flag=True, help="Save without connecting to check the options."
+        )
     )
     params.append(
-        click.Option(["--format", "fmt"], type=click.Choice(["table", "json"]),
-                     default="table", show_default=True, help="Output format.")
+        click.Option(
+            ["--format", "fmt"],
+            type=click.Choice(["table", "json"]),
+            default="table",
+            show_default=True,
+            help="Output format.",
+        )
     )
 
     def callback(**kwargs: Any) -> None:
@@ -201,8 +219,11 @@ def connections() -> None:
 
 
 connections.add_command(
-    DriverGroup("add", help="Add a connection: `outpost connections add DRIVER --name NAME ...`. "
-                "The agent connects to check the options first; nothing is saved on failure.")
+    DriverGroup(
+        "add",
+        help="Add a connection: `outpost connections add DRIVER --name NAME ...`. "
+        "The agent connects to check the options first; nothing is saved on failure.",
+    )
 )
 
 
@@ -238,8 +259,11 @@ def show(cli: CliContext, slug: str, fmt: str) -> None:
         print_json(detail.model_dump(mode="json"))
         return
     rows: list[tuple[str, Any]] = [
-        ("name", detail.name), ("slug", detail.slug), ("driver", detail.driver_name),
-        ("encrypted", "yes" if detail.encrypted else "no"), ("up", _up(detail.up)),
+        ("name", detail.name),
+        ("slug", detail.slug),
+        ("driver", detail.driver_name),
+        ("encrypted", "yes" if detail.encrypted else "no"),
+        ("up", _up(detail.up)),
     ]
     if detail.error:
         rows.append(("last error", detail.error))
@@ -346,9 +370,16 @@ def test(cli: CliContext, slug: str, fmt: str) -> None:
     else:
         print_table(
             ["NAME", "SLUG", "UP", "SERVER VERSION", "SECONDS", "ERROR"],
-            [(report.name, report.slug, _up(report.up), report.server_version,
-              f"{report.duration_seconds:.3f}", report.error)],
+            [
+                (
+                    report.name,
+                    report.slug,
+                    _up(report.up),
+                    report.server_version,
+                    f"{report.duration_seconds:.3f}",
+                    report.error,
+                )
+            ],
         )
     if not report.up:
         raise click.exceptions.Exit(1)
-

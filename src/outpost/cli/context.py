@@ -42,6 +42,8 @@ class CliContext:
             backend = AgentClient.from_data_dir(loaded.config.data_dir)
         else:
             backend = service
+            for warning in service.cli_warnings:
+                click.echo(f"Warning: {warning}", err=True)
         try:
             yield backend
         finally:

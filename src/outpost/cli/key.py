@@ -28,11 +28,19 @@ def generate(path: Path) -> None:
 
 
 @key.command()
-@click.option("--old-key", type=click.Path(dir_okay=False), metavar="PATH",
-              help="The key the connections are encrypted with now (omit if they are not "
-              "encrypted, or already use the new key).")
-@click.option("--new-key", type=click.Path(dir_okay=False), metavar="PATH",
-              help="The key to encrypt with (default: key_path from the config).")
+@click.option(
+    "--old-key",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="The key the connections are encrypted with now (omit if they are not "
+    "encrypted, or already use the new key).",
+)
+@click.option(
+    "--new-key",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="The key to encrypt with (default: key_path from the config).",
+)
 @pass_cli
 def rotate(cli: CliContext, old_key: str | None, new_key: str | None) -> None:
     """Encrypt every connection with the new key, in one transaction.

@@ -14,17 +14,35 @@ from outpost.errors import UsageError
 @click.command()
 @click.argument("slug")
 @click.argument("sql")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
-              show_default=True, help="Output format.")
-@click.option("--max-rows", type=click.IntRange(min=1), default=None,
-              help="Return at most this many rows (default: query.max_rows, 1000).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Statement timeout in seconds (default: query.timeout, 30).")
-@click.option("--param", "params", multiple=True, metavar="VALUE",
-              help="A query parameter, in order (the driver's placeholder: %s for postgres "
-              "and mysql, ? for sqlite and csv).")
-@click.option("--write", is_flag=True,
-              help="Allow writes (refused when the agent is read_only).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+@click.option(
+    "--max-rows",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Return at most this many rows (default: query.max_rows, 1000).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Statement timeout in seconds (default: query.timeout, 30).",
+)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="VALUE",
+    help="A query parameter, in order (the driver's placeholder: %s for postgres "
+    "and mysql, ? for sqlite and csv).",
+)
+@click.option("--write", is_flag=True, help="Allow writes (refused when the agent is read_only).")
 @pass_cli
 def query(
     cli: CliContext,

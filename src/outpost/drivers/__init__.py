@@ -34,9 +34,7 @@ def get_driver(name: str) -> type[Driver]:
     """The driver class registered as NAME, or a UsageError listing the known ones."""
     targets = _targets()
     if name not in targets:
-        raise UsageError(
-            f"Unknown driver {name!r}; choose one of: {', '.join(sorted(targets))}."
-        )
+        raise UsageError(f"Unknown driver {name!r}; choose one of: {', '.join(sorted(targets))}.")
     module_name, _, attr = targets[name].partition(":")
     module = importlib.import_module(module_name)
     cls = getattr(module, attr)

@@ -124,7 +124,7 @@ class Driver(ABC):
     #: the pydantic model of this driver's options
     options_model: ClassVar[type[DriverOptions]]
     #: the option that holds the password, if any (for --password-file etc.)
-    password_option: ClassVar[str | None] = "password"
+    password_option: ClassVar[str | None] = "password"  # noqa: S105 - option name
 
     def __init__(self, options: DriverOptions, context: DriverContext | None = None) -> None:
         self.options = options
@@ -153,9 +153,7 @@ class Driver(ABC):
                     msg = err["msg"].removeprefix("Value error, ")
                     problems.append(f"option {flag}: {msg}")
             where = f" for connection {connection!r}" if connection else ""
-            raise UsageError(
-                f"Invalid options{where}: " + "; ".join(problems) + "."
-            ) from None
+            raise UsageError(f"Invalid options{where}: " + "; ".join(problems) + ".") from None
 
     # --- what every driver implements ---------------------------------------------------
 
@@ -194,7 +192,9 @@ class Driver(ABC):
         detail = str(exc).strip().splitlines()
         text = "; ".join(line.strip() for line in detail if line.strip()) or type(exc).__name__
         text = text.rstrip(".")
-        return DriverError(self.scrub(f"{what} for connection {self.context.connection!r}: {text}."))
+        return DriverError(
+            self.scrub(f"{what} for connection {self.context.connection!r}: {text}.")
+        )
 
     @staticmethod
     def timer() -> Callable[[], float]:

@@ -263,9 +263,13 @@ def apply(db: sqlite3.Connection, command: Command) -> None:
         _set_meta(db, "key_id", command.key_id)
     elif isinstance(command, RestoreConnections):
         if _get_meta(db, "started_at") is not None:
-            raise ConflictError("This data dir has already been started; a restore needs a new one.")
+            raise ConflictError(
+                "This data dir has already been started; a restore needs a new one."
+            )
         if db.execute("SELECT count(*) FROM connections").fetchone()[0]:
-            raise ConflictError("This data dir already holds connections; a restore needs a new one.")
+            raise ConflictError(
+                "This data dir already holds connections; a restore needs a new one."
+            )
         for c in command.connections:
             db.execute(
                 "INSERT INTO connections (slug, name, driver, options, encrypted, created_at,"

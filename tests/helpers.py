@@ -1,0 +1,164 @@
+"""Running the real `outpost` command and agent processes in tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+OUTPOST = [sys.executable, "-m", "outpost"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@dataclass
+class Agent:
+    """An `outpost` installation in a temp dir: config file, data dir, optional key."""
+
+    root: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config = {
+            "data_dir": str(self.root / "data"),
+            "api": {"client_bind_addresses": [f"127.0.0.1:{self.port}"]},
+            "checks": {"interval": 3600},
+            **self.config,
+        }
+        self.write_config()
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "agent.json"
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.config["data_dir"])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def write_config(self) -> None:
+        self.config_path.write_text(json.dumps(self.config, indent=2))
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("OUTPOST_") or k.startswith("OUTPOST_TEST_")
+        }
+        env["OUTPOST_CONFIG"] = str(self.config_path)
+        env["COLUMNS"] = "200"
+        env.update(extra or {})
+        return env
+
+    def run(
+        self,
+        *args: str,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> Result:
+        proc = subprocess.run(
+            [*OUTPOST, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env(env),
+            timeout=timeout,
+        )
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def ok(self, *args: str, **kwargs: Any) -> Result:
+        result = self.run(*args, **kwargs)
+        assert result.code == 0, f"outpost {' '.join(args)} failed: {result.err}{result.out}"
+        return result
+
+    def fails(self, *args: str, code: int = 1, **kwargs: Any) -> Result:
+        result = self.run(*args, **kwargs)
+        assert result.code == code, (
+            f"outpost {' '.join(args)} exited {result.code}, expected {code}: "
+            f"{result.err}{result.out}"
+        )
+        return result
+
+    def list_json(self) -> list[dict[str, Any]]:
+        data = self.ok("connections", "list", "--format", "json").json
+        assert isinstance(data, list)
+        return data
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        log = open(self.root / "agent.log", "a")  # noqa: SIM115 - owned by the process
+        return subprocess.Popen(
+            [*OUTPOST, "serve", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env(env),
+        )
+
+    def log(self) -> str:
+        path = self.root / "agent.log"
+        return path.read_text() if path.exists() else ""
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    @contextmanager
+    def serving(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> Iterator[subprocess.Popen[str]]:
+        proc = self.start(*args, env=env)
+        try:
+            wait_for(lambda: self.ready() or proc.poll() is not None, 30, "the agent to be ready")
+            assert proc.poll() is None, f"agent exited {proc.returncode}: {self.log()}"
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
