@@ -326,7 +326,7 @@ def test_mysql_wrong_password(agent: Agent, mysql_params: dict[str, object]) -> 
     )
     try:
         with admin.cursor() as cur:
-            for host in ("%", "localhost"):
+            for host in ("%%", "localhost"):
                 cur.execute(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY %s", (good,))
         base = [
             "connections",

@@ -101,7 +101,7 @@ def test_cli_lock_waits_then_names_holder(tmp_path: Path) -> None:
         Store(tmp_path / "d", owner="cli"),
         pytest.raises(DataDirLockedError, match=f"in use by pid {os.getpid()}"),
     ):
-            Store(tmp_path / "d", owner="cli", wait_for_cli=0.2)
+        Store(tmp_path / "d", owner="cli", wait_for_cli=0.2)
 
 
 def test_restore_only_into_new_store(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import click
 
 from outpost.api.client import AgentClient
 from outpost.api.service import AgentService
+from outpost.cli.progress import DownloadProgress
 from outpost.config import LoadedConfig, load_config
 from outpost.state.store import AgentRunningError
 
@@ -42,11 +43,15 @@ class CliContext:
             backend = AgentClient.from_data_dir(loaded.config.data_dir)
         else:
             backend = service
+            progress = DownloadProgress()
+            service.progress = progress
             for warning in service.cli_warnings:
                 click.echo(f"Warning: {warning}", err=True)
         try:
             yield backend
         finally:
+            if isinstance(backend, AgentService) and isinstance(backend.progress, DownloadProgress):
+                backend.progress.close()
             backend.close()
 
 

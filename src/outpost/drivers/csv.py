@@ -84,7 +84,7 @@ class CSVOptions(DriverOptions):
     ] = None
     delimiter: Annotated[
         str,
-        Field(description="The character between fields: ',' (default), ';', '|' or 'tab'"),
+        Field(description="The character between fields: ',' (default), ';', a pipe, or 'tab'"),
     ] = ","
     encoding: Annotated[
         str,
