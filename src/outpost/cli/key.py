@@ -24,7 +24,10 @@ def generate(path: Path) -> None:
     """Write a new 64-byte random key to PATH (mode 0400); never overwrites."""
     new = generate_key_file(path)
     click.echo(f"Wrote a new key to {new.path} (mode 0400, key id {new.id}).")
-    click.echo('Set "key_path" to it in the config, then run `outpost key rotate`.')
+    click.echo(
+        'Set "key_path" to it in the config; if connections are already stored, run '
+        "`outpost key rotate` to encrypt them with it."
+    )
 
 
 @key.command()

@@ -44,7 +44,7 @@ def cell(value: Any) -> str:
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    table = Table(box=box.ASCII, show_lines=False, header_style="bold", pad_edge=True)
+    table = Table(box=box.ASCII2, show_lines=False, header_style="bold", pad_edge=True)
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
