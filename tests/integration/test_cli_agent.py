@@ -281,11 +281,15 @@ def test_backup_to_unwritable_path(agent: Agent, sample_db: Path, tmp_path: Path
     add_sample(agent, sample_db)
     err = agent.fails("backup", "--path", str(tmp_path / "no" / "such" / "dir" / "b")).err
     assert "Cannot write backup to" in err and "does not exist" in err
+    # a directory this user may not write to (root may write anywhere but sysfs)
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    if os.geteuid() != 0:  # root writes anywhere; the missing-directory case covers it
-        err = agent.fails("backup", "--path", str(locked / "b")).err
-        assert "Permission denied" in err
+    target = Path("/sys/outpost.backup") if os.geteuid() == 0 else locked / "b"
+    err = agent.fails("backup", "--path", str(target)).err
+    assert err.strip() == (
+        f"Error: Cannot write backup to {target}: Permission denied; choose a writable path."
+    )
+    assert list(locked.iterdir()) == []
     err = agent.fails("backup", "--path", str(tmp_path)).err
     assert "is a directory" in err
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import click
 
-from outpost.api.client import AgentClient
 from outpost.api.service import AgentService
 from outpost.cli.progress import DownloadProgress
 from outpost.config import LoadedConfig, load_config
 from outpost.state.store import AgentRunningError
 
-Backend = AgentService | AgentClient
+if TYPE_CHECKING:
+    from outpost.api.client import AgentClient
 
 
 @dataclass
@@ -29,17 +30,19 @@ class CliContext:
         return self._loaded
 
     @contextlib.contextmanager
-    def backend(self) -> Iterator[Backend]:
+    def backend(self) -> Iterator[AgentService | AgentClient]:
         """The running agent's API when `outpost serve` owns the data dir, else the store.
 
         Never two writers: the store is locked while a command holds it, and a running agent
         is asked through its API instead of opening the store a second time.
         """
         loaded = self.loaded()
-        backend: Backend
+        backend: AgentService | AgentClient
         try:
             service = AgentService.open(loaded, owner="cli")
         except AgentRunningError:
+            from outpost.api.client import AgentClient
+
             backend = AgentClient.from_data_dir(loaded.config.data_dir)
         else:
             backend = service

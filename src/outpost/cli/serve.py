@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from outpost.api.runtime import run_agent
 from outpost.cli.context import CliContext, pass_cli
 
 
@@ -18,4 +17,6 @@ from outpost.cli.context import CliContext, pass_cli
 @pass_cli
 def serve(cli: CliContext, restore_path: str | None) -> int:
     """Run the agent: the store, the local API, health, metrics, connection checks."""
+    from outpost.api.runtime import run_agent
+
     return run_agent(cli.loaded(), config_arg=cli.config_arg, restore_path=restore_path)
