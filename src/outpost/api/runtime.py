@@ -238,11 +238,13 @@ class AgentRuntime:
                 old.api.client_bind_addresses,
                 cfg.api.client_bind_addresses,
             ),
+            ("query.workers", old.query.workers, cfg.query.workers),
         ):
             if before != after:
                 log.warning("%s changed; restart the agent to apply it", what)
-                setattr(cfg, what.split(".")[0], getattr(old, what.split(".")[0]))
+        cfg.data_dir, cfg.key_path = old.data_dir, old.key_path
         cfg.api = old.api
+        cfg.query.workers = old.query.workers
         setup_logging(cfg.log.format, cfg.log.level)
         self.loaded = new
         state.service.loaded = new

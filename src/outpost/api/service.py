@@ -7,6 +7,7 @@ so that a Raft cluster can later replicate the same commands.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -192,10 +193,12 @@ class AgentService:
             )
         return report
 
-    def _run_test(self, driver: Driver, name: str, slug: str) -> TestReport:
+    def _run_test(
+        self, driver: Driver, name: str, slug: str, timeout: float | None = None
+    ) -> TestReport:
         start = time.perf_counter()
         try:
-            result = driver.test()
+            result = driver.test(timeout)
         except OutpostError as exc:
             return TestReport(
                 slug=slug,
@@ -332,10 +335,13 @@ class AgentService:
         self.store.apply(DeleteConnection(slug=slug))
         return info
 
-    def test_connection(self, slug: str, *, record: bool = True) -> TestReport:
+    def test_connection(
+        self, slug: str, *, record: bool = True, timeout: float | None = None
+    ) -> TestReport:
+        """Connect with the stored options; TIMEOUT (seconds) overrides the driver's own."""
         stored = self.store.connection(slug)
         driver = self._build(stored)
-        report = self._run_test(driver, stored.name, slug)
+        report = self._run_test(driver, stored.name, slug, timeout)
         if record:
             self._record(report)
         return report
@@ -384,7 +390,9 @@ class AgentService:
         reports = []
         for stored in self.store.connections():
             try:
-                reports.append(self.test_connection(stored.slug))
+                reports.append(
+                    self.test_connection(stored.slug, timeout=self.config.checks.timeout)
+                )
             except OutpostError as exc:
                 report = TestReport(
                     slug=stored.slug,
@@ -446,6 +454,7 @@ class AgentService:
             connections=len(infos),
             connections_up=sum(1 for i in infos if i.up),
             started_at=self.started_at,
+            pid=os.getpid() if self.api_url else None,
             api_url=self.api_url,
             warnings=self.warnings,
         )
