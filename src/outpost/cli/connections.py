@@ -100,12 +100,12 @@ def _driver_command(driver_cls: type[Driver]) -> click.Command:
         if name == password:
             params.append(
                 click.Option(
-                    [_option_flag(name)],
-                    "password",
+                    [_option_flag(name), "password"],
                     prompt="Password",
                     hide_input=True,
                     prompt_required=False,
                     default=None,
+                    show_default=False,
                     help="Password; give the flag alone to be prompted (a value given here is "
                     "visible in the process list).",
                 )
@@ -125,19 +125,19 @@ def _driver_command(driver_cls: type[Driver]) -> click.Command:
         elif base is bool:
             params.append(
                 click.Option(
-                    [f"{_option_flag(name)}/--no-{name.replace('_', '-')}"],
-                    name,
+                    [f"{_option_flag(name)}/--no-{name.replace('_', '-')}", name],
                     default=None,
+                    show_default=False,
                     help=_help(info),
                 )
             )
         else:
             params.append(
                 click.Option(
-                    [_option_flag(name)],
-                    name,
+                    [_option_flag(name), name],
                     type=_click_type(info.annotation),
                     default=None,
+                    show_default=False,
                     help=_help(info),
                 )
             )
@@ -182,12 +182,14 @@ def _driver_command(driver_cls: type[Driver]) -> click.Command:
             click.echo(f'Added connection "{info.name}" (slug {info.slug}).')
 
     doc = (driver_cls.__doc__ or "").strip().splitlines()
+    article = "an" if driver_cls.display_name[0].lower() in "aeiou" else "a"
+    summary = f"Add {article} {driver_cls.display_name} connection."
     return click.Command(
         driver_cls.name,
         params=params,
         callback=callback,
-        help=f"Add a {driver_cls.display_name} connection. " + (doc[0] if doc else ""),
-        short_help=f"Add a {driver_cls.display_name} connection.",
+        help=f"{summary} " + (doc[0] if doc else ""),
+        short_help=summary,
     )
 
 
