@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,8 +39,16 @@ class AgentClient:
 
     def __init__(self, url: str, token: str, timeout: float = 600.0) -> None:
         self.url = url
+        # TCP_NODELAY: httpx writes headers and body separately; with Nagle on, the body
+        # waits for the server's delayed ACK (~40 ms a request on Linux loopback).
+        transport = httpx.HTTPTransport(
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+        )
         self._http = httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+            base_url=url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+            transport=transport,
         )
 
     @classmethod

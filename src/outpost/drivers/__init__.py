@@ -3,6 +3,7 @@ entry-point group by third parties."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 from importlib.metadata import entry_points
 
@@ -19,7 +20,9 @@ BUILTIN: dict[str, str] = {
 }
 
 
+@functools.cache
 def _targets() -> dict[str, str]:
+    """Built-ins plus entry points, read once per process (scanning them takes milliseconds)."""
     targets = dict(BUILTIN)
     for ep in entry_points(group="outpost.drivers"):
         targets.setdefault(ep.name, ep.value)
