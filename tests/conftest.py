@@ -13,6 +13,8 @@ from urllib.parse import urlparse
 
 import pytest
 
+from tests import helpers
+
 PG_DSN = os.environ.get("OUTPOST_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 MYSQL_DSN = os.environ.get("OUTPOST_TEST_MYSQL_DSN", "mysql://root@127.0.0.1:3306/test")
 
@@ -107,3 +109,10 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
     monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
     yield home
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[int]:
+    """A TCP port on 127.0.0.1 that accepts connections and never answers (for timeouts)."""
+    with helpers.silent_listener() as port:
+        yield port

@@ -1,13 +1,18 @@
-"""Running the real `outpost` command and agent processes in tests."""
+"""Running the real `outpost` command and agent processes in tests, and small local servers
+(a silent TCP listener, an HTTP file server) for the drivers' network tests."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
+import selectors
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -162,3 +167,108 @@ class Agent:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+@contextmanager
+def silent_listener() -> Iterator[int]:
+    """A TCP port on 127.0.0.1 that accepts connections and never sends a byte.
+
+    A thread accepts (so clients get past the handshake whatever the backlog) and holds every
+    connection open until exit, when the accepted sockets and the server are closed.
+    """
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    wake_reader, wake_writer = socket.socketpair()
+    accepted: list[socket.socket] = []
+    try:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        server.setblocking(False)
+
+        def accept() -> None:
+            with selectors.DefaultSelector() as selector:
+                selector.register(server, selectors.EVENT_READ)
+                selector.register(wake_reader, selectors.EVENT_READ)
+                while True:
+                    for key, _ in selector.select():
+                        if key.fileobj is wake_reader:
+                            return
+                        try:
+                            conn, _ = server.accept()
+                        except OSError:  # e.g. the client gave up before we got to it
+                            continue
+                        accepted.append(conn)
+
+        thread = threading.Thread(target=accept, name="silent-listener", daemon=True)
+        thread.start()
+        try:
+            yield int(server.getsockname()[1])
+        finally:
+            wake_writer.send(b"\0")
+            thread.join(timeout=5)
+    finally:
+        for conn in accepted:
+            conn.close()
+        server.close()
+        wake_reader.close()
+        wake_writer.close()
+
+
+class _FileHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves its directory; /stream/NAME sends NAME without a Content-Length."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/stream/"):
+            path = Path(self.directory) / self.path.removeprefix("/stream/")
+            data = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", self.guess_type(str(path)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        super().do_GET()
+
+
+class _FileHTTPServer(http.server.ThreadingHTTPServer):
+    """Stays quiet when a client hangs up early (size limits, timeouts); reports the rest."""
+
+    def handle_error(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionResetError | BrokenPipeError):
+            return
+        super().handle_error(request, client_address)
+
+
+@dataclass
+class FileServer:
+    """A running HTTP server on 127.0.0.1 serving the files under ``root``."""
+
+    root: Path
+    base: str
+
+    def url(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+
+@contextmanager
+def serve_files(root: Path) -> Iterator[FileServer]:
+    """Serve ``root`` (created if missing) over HTTP on 127.0.0.1 and a free port."""
+    root.mkdir(parents=True, exist_ok=True)
+    handler = functools.partial(_FileHandler, directory=str(root))
+    httpd = _FileHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, name="file-server", daemon=True)
+    thread.start()
+    try:
+        yield FileServer(root, f"http://127.0.0.1:{httpd.server_port}")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)
+
+
+def files_in(directory: Path) -> list[str]:
+    """The names of the files in ``directory``, sorted; none when it does not exist."""
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []

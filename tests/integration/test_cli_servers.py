@@ -3,11 +3,8 @@ and the password / TLS cases against the throwaway scram + TLS cluster."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -37,34 +34,6 @@ def pg_flags(params: dict[str, object]) -> list[str]:
         "--database",
         str(params["database"]),
     ]
-
-
-@pytest.fixture
-def silent_listener() -> Iterator[int]:
-    """A TCP port on 127.0.0.1 that accepts connections and never says a word."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-                held.append(conn)
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield int(server.getsockname()[1])
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    server.close()
 
 
 def test_postgres_lifecycle(agent: Agent, pg_params: dict[str, object], pg_dsn: str) -> None:

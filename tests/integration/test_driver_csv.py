@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ from outpost.drivers import get_driver
 from outpost.drivers.base import DriverContext
 from outpost.drivers.csv import CSVDriver, table_name
 from outpost.errors import DriverError, ReadOnlyError, UsageError
+from tests.helpers import FileServer, files_in, serve_files
 
 pytestmark = pytest.mark.integration
 
@@ -30,46 +27,10 @@ ORDERS_CSV = (
 )
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves the root directory; /stream/NAME sends NAME without a Content-Length."""
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        if self.path.startswith("/stream/"):
-            data = (Path(self.directory) / self.path.removeprefix("/stream/")).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/csv")
-            self.end_headers()
-            self.wfile.write(data)
-            return
-        super().do_GET()
-
-
-@dataclass
-class Server:
-    root: Path
-    base: str
-
-    def url(self, name: str) -> str:
-        return f"{self.base}/{name}"
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(_Handler, directory=str(root))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield Server(root, f"http://127.0.0.1:{httpd.server_port}")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(10)
+def server(tmp_path: Path) -> Iterator[FileServer]:
+    with serve_files(tmp_path / "www") as served:
+        yield served
 
 
 @pytest.fixture
@@ -87,10 +48,6 @@ def driver(
     ctx = context or DriverContext(connection="orders-csv", cache_dir=cache_dir)
     opts = CSVDriver.parse_options({"source_url": source_url, **options})
     return CSVDriver(opts, ctx)
-
-
-def files_in(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
 def column_types(d: CSVDriver, table: str) -> dict[str, str]:
@@ -139,7 +96,7 @@ def test_table_name_from_the_file_stem(source: str, expected: str) -> None:
 # --- over HTTP --------------------------------------------------------------------------------
 
 
-def test_download_test_and_query_with_inferred_types(server: Server, cache_dir: Path) -> None:
+def test_download_test_and_query_with_inferred_types(server: FileServer, cache_dir: Path) -> None:
     (server.root / "Orders 2024.csv").write_text(ORDERS_CSV)
     d = driver(server.url("Orders%202024.csv"), cache_dir, time_format="%Y-%m-%d %H:%M:%S")
     result = d.test(timeout=10)
@@ -170,7 +127,7 @@ def test_download_test_and_query_with_inferred_types(server: Server, cache_dir: 
     assert q.rows == [[15.5, 3, "integer"]]
 
 
-def test_without_time_format_timestamps_stay_text(server: Server, cache_dir: Path) -> None:
+def test_without_time_format_timestamps_stay_text(server: FileServer, cache_dir: Path) -> None:
     (server.root / "orders.csv").write_text(ORDERS_CSV)
     d = driver(server.url("orders.csv"), cache_dir)
     assert column_types(d, "orders")["ordered at"] == "TEXT"
@@ -191,7 +148,7 @@ def test_time_format_only_applies_where_every_value_matches(
     ]
 
 
-def test_truncated(server: Server, cache_dir: Path) -> None:
+def test_truncated(server: FileServer, cache_dir: Path) -> None:
     lines = ["n,square"] + [f"{i},{i * i}" for i in range(1, 51)]
     (server.root / "squares.csv").write_text("\n".join(lines) + "\n")
     d = driver(server.url("squares.csv"), cache_dir)
@@ -201,7 +158,7 @@ def test_truncated(server: Server, cache_dir: Path) -> None:
     assert (q.row_count, q.truncated) == (50, False)
 
 
-def test_always_read_only(server: Server, cache_dir: Path) -> None:
+def test_always_read_only(server: FileServer, cache_dir: Path) -> None:
     (server.root / "orders.csv").write_text(ORDERS_CSV)
     d = driver(server.url("orders.csv"), cache_dir)
     for sql in (
@@ -222,7 +179,7 @@ def test_always_read_only(server: Server, cache_dir: Path) -> None:
     assert d.query("SELECT count(*) FROM orders").rows == [[3]]
 
 
-def test_http_404(server: Server, cache_dir: Path) -> None:
+def test_http_404(server: FileServer, cache_dir: Path) -> None:
     d = driver(server.url("missing.csv"), cache_dir)
     with pytest.raises(DriverError) as info:
         d.test(timeout=10)
@@ -244,7 +201,7 @@ def test_refused_port(cache_dir: Path) -> None:
     assert time.monotonic() - started < 2 + 5
 
 
-def test_size_limit(server: Server, cache_dir: Path) -> None:
+def test_size_limit(server: FileServer, cache_dir: Path) -> None:
     (server.root / "big.csv").write_text("a,b\n" + "1,2\n" * 50_000)
     for name in ("big.csv", "stream/big.csv"):
         d = driver(server.url(name), cache_dir, max_download_bytes=64 * 1024)
@@ -253,7 +210,7 @@ def test_size_limit(server: Server, cache_dir: Path) -> None:
         assert files_in(cache_dir) == []
 
 
-def test_progress(server: Server, cache_dir: Path) -> None:
+def test_progress(server: FileServer, cache_dir: Path) -> None:
     body = "a,b\n" + "1,2\n" * 100_000
     (server.root / "big.csv").write_text(body)
     calls: list[tuple[int, int | None]] = []

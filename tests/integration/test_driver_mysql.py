@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,6 +15,7 @@ from outpost.drivers import get_driver
 from outpost.drivers.base import DriverContext
 from outpost.drivers.mysql import MySQLDriver, MySQLOptions, read_only_refusal
 from outpost.errors import DriverError, ReadOnlyError, UsageError
+from tests.helpers import silent_listener
 
 pytestmark = pytest.mark.integration
 
@@ -86,36 +85,6 @@ def table_exists(admin: pymysql.cursors.Cursor, name: str) -> bool:
     )
     row = admin.fetchone()
     return bool(row and row[0])
-
-
-@contextlib.contextmanager
-def silent_listener() -> Iterator[int]:
-    """A TCP port on 127.0.0.1 that accepts connections and never sends a byte."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            accepted.append(conn)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield int(server.getsockname()[1])
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        for conn in accepted:
-            conn.close()
-        server.close()
 
 
 def refused_port() -> int:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import socket
 import sqlite3
 import stat
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +16,7 @@ from outpost.drivers.base import DriverContext
 from outpost.drivers.download import fetch_source
 from outpost.drivers.sqlite import SQLiteDriver
 from outpost.errors import DriverError, ReadOnlyError, UsageError
+from tests.helpers import FileServer, files_in, serve_files, silent_listener
 
 pytestmark = pytest.mark.integration
 
@@ -29,46 +26,10 @@ SLOW_SQL = (
 )
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves the root directory; /stream/NAME sends NAME without a Content-Length."""
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        if self.path.startswith("/stream/"):
-            data = (Path(self.directory) / self.path.removeprefix("/stream/")).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.end_headers()
-            self.wfile.write(data)
-            return
-        super().do_GET()
-
-
-@dataclass
-class Server:
-    root: Path
-    base: str
-
-    def url(self, name: str) -> str:
-        return f"{self.base}/{name}"
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(_Handler, directory=str(root))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield Server(root, f"http://127.0.0.1:{httpd.server_port}")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(10)
+def server(tmp_path: Path) -> Iterator[FileServer]:
+    with serve_files(tmp_path / "www") as served:
+        yield served
 
 
 @pytest.fixture
@@ -104,10 +65,6 @@ def driver(
     return SQLiteDriver(opts, ctx)
 
 
-def files_in(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-
-
 # --- options and registry -------------------------------------------------------------------
 
 
@@ -129,7 +86,7 @@ def test_bad_source_url_is_a_usage_error() -> None:
 # --- over HTTP --------------------------------------------------------------------------------
 
 
-def test_download_test_and_query(server: Server, cache_dir: Path) -> None:
+def test_download_test_and_query(server: FileServer, cache_dir: Path) -> None:
     make_db(server.root / "shop.db")
     d = driver(server.url("shop.db"), cache_dir)
 
@@ -152,7 +109,7 @@ def test_download_test_and_query(server: Server, cache_dir: Path) -> None:
     assert all(not name.startswith(".part-") for name in files_in(cache_dir))
 
 
-def test_max_rows_truncates(server: Server, cache_dir: Path) -> None:
+def test_max_rows_truncates(server: FileServer, cache_dir: Path) -> None:
     make_db(server.root / "shop.db", rows=9)  # ten rows with the NULL one
     d = driver(server.url("shop.db"), cache_dir)
     q = d.query("SELECT id FROM items ORDER BY id", max_rows=4)
@@ -164,7 +121,7 @@ def test_max_rows_truncates(server: Server, cache_dir: Path) -> None:
     assert q.truncated is False
 
 
-def test_progress_reports_increasing_bytes_and_total(server: Server, cache_dir: Path) -> None:
+def test_progress_reports_increasing_bytes_and_total(server: FileServer, cache_dir: Path) -> None:
     path = make_db(server.root / "big.db", padding=400_000)
     size = path.stat().st_size
     calls: list[tuple[int, int | None]] = []
@@ -181,7 +138,7 @@ def test_progress_reports_increasing_bytes_and_total(server: Server, cache_dir: 
 
 
 def test_queries_reuse_a_fresh_download_and_test_downloads_again(
-    server: Server, cache_dir: Path
+    server: FileServer, cache_dir: Path
 ) -> None:
     make_db(server.root / "shop.db", rows=3)
     d = driver(server.url("shop.db"), cache_dir)
@@ -197,7 +154,7 @@ def test_queries_reuse_a_fresh_download_and_test_downloads_again(
 
 
 def test_downloaded_database_refuses_writes_even_when_allowed(
-    server: Server, cache_dir: Path
+    server: FileServer, cache_dir: Path
 ) -> None:
     make_db(server.root / "shop.db")
     d = driver(server.url("shop.db"), cache_dir)
@@ -209,7 +166,7 @@ def test_downloaded_database_refuses_writes_even_when_allowed(
 
 
 def test_http_404_is_one_clear_sentence_without_the_password(
-    server: Server, cache_dir: Path
+    server: FileServer, cache_dir: Path
 ) -> None:
     port = server.base.rsplit(":", 1)[1]
     d = driver(f"http://bob:s3cret-pw@127.0.0.1:{port}/missing.db?token=abc123", cache_dir)
@@ -239,22 +196,16 @@ def test_refused_port_is_a_clear_error(cache_dir: Path) -> None:
 
 
 def test_silent_server_times_out(cache_dir: Path) -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)  # the kernel accepts; nobody ever answers
-    port = listener.getsockname()[1]
-    try:
+    with silent_listener() as port:
         d = driver(f"http://127.0.0.1:{port}/shop.db", cache_dir)
         started = time.monotonic()
         with pytest.raises(DriverError, match=r"did not answer within 2 s"):
             d.test(timeout=2)
         assert time.monotonic() - started < 2 + 5
-    finally:
-        listener.close()
     assert files_in(cache_dir) == []
 
 
-def test_size_limit_from_content_length(server: Server, cache_dir: Path) -> None:
+def test_size_limit_from_content_length(server: FileServer, cache_dir: Path) -> None:
     make_db(server.root / "big.db", padding=200_000)
     d = driver(server.url("big.db"), cache_dir, max_download_bytes=100_000)
     with pytest.raises(DriverError, match=r"larger than the download limit of 97\.7 KiB"):
@@ -262,7 +213,9 @@ def test_size_limit_from_content_length(server: Server, cache_dir: Path) -> None
     assert files_in(cache_dir) == []
 
 
-def test_size_limit_while_reading_removes_the_partial_file(server: Server, cache_dir: Path) -> None:
+def test_size_limit_while_reading_removes_the_partial_file(
+    server: FileServer, cache_dir: Path
+) -> None:
     make_db(server.root / "big.db", padding=400_000)
     calls: list[tuple[int, int | None]] = []
     ctx = DriverContext(
@@ -279,7 +232,7 @@ def test_size_limit_while_reading_removes_the_partial_file(server: Server, cache
     assert files_in(cache_dir) == []
 
 
-def test_failed_download_keeps_the_previous_copy(server: Server, cache_dir: Path) -> None:
+def test_failed_download_keeps_the_previous_copy(server: FileServer, cache_dir: Path) -> None:
     make_db(server.root / "shop.db")
     ctx = DriverContext(connection="shop-db", cache_dir=cache_dir)
     first = fetch_source(server.url("shop.db"), ctx, timeout=10)
@@ -291,7 +244,7 @@ def test_failed_download_keeps_the_previous_copy(server: Server, cache_dir: Path
     assert files_in(cache_dir) == [first.name]
 
 
-def test_non_sqlite_download(server: Server, cache_dir: Path) -> None:
+def test_non_sqlite_download(server: FileServer, cache_dir: Path) -> None:
     (server.root / "page.db").write_text("<html>Sign in to continue</html>\n")
     d = driver(server.url("page.db"), cache_dir)
     with pytest.raises(DriverError) as info:

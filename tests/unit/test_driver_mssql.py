@@ -5,15 +5,12 @@ pymssql connection (what a user sees for read-only, truncation, timeouts, login 
 from __future__ import annotations
 
 import builtins
-import contextlib
 import datetime as dt
 import decimal
 import importlib
 import socket
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,6 +24,7 @@ from outpost.drivers.mssql import (
     read_only_refusal,
 )
 from outpost.errors import DriverError, OutpostError, ReadOnlyError, UsageError
+from tests.helpers import silent_listener
 
 #: Slack allowed on top of a timeout before a call counts as hanging.
 MARGIN = 3.0
@@ -36,36 +34,6 @@ PASSWORD = "Sekr3t-Pw-9081"
 def driver(**raw: Any) -> MSSQLDriver:
     options = MSSQLDriver.parse_options({"password": PASSWORD, **raw}, connection="erp")
     return MSSQLDriver(options, DriverContext(connection="erp"))
-
-
-@contextlib.contextmanager
-def silent_listener() -> Iterator[int]:
-    """A TCP port on 127.0.0.1 that accepts connections and never sends a byte."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            accepted.append(conn)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield int(server.getsockname()[1])
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        for conn in accepted:
-            conn.close()
-        server.close()
 
 
 def refused_port() -> int:
