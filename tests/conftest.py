@@ -116,3 +116,9 @@ def silent_listener() -> Iterator[int]:
     """A TCP port on 127.0.0.1 that accepts connections and never answers (for timeouts)."""
     with helpers.silent_listener() as port:
         yield port
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    """Where a driver keeps downloaded copies (not created in advance)."""
+    return tmp_path / "cache"

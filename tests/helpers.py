@@ -213,6 +213,13 @@ def silent_listener() -> Iterator[int]:
         wake_writer.close()
 
 
+def refused_port() -> int:
+    """A port on 127.0.0.1 that refuses connections: bound for a moment, then closed again."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class _FileHandler(http.server.SimpleHTTPRequestHandler):
     """Serves its directory; /stream/NAME sends NAME without a Content-Length."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from outpost.drivers import get_driver
 from outpost.drivers.base import DriverContext
 from outpost.drivers.csv import CSVDriver, table_name
 from outpost.errors import DriverError, ReadOnlyError, UsageError
-from tests.helpers import FileServer, files_in, serve_files
+from tests.helpers import FileServer, files_in, refused_port, serve_files
 
 pytestmark = pytest.mark.integration
 
@@ -31,11 +30,6 @@ ORDERS_CSV = (
 def server(tmp_path: Path) -> Iterator[FileServer]:
     with serve_files(tmp_path / "www") as served:
         yield served
-
-
-@pytest.fixture
-def cache_dir(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
 
 
 def driver(
@@ -191,10 +185,7 @@ def test_http_404(server: FileServer, cache_dir: Path) -> None:
 
 
 def test_refused_port(cache_dir: Path) -> None:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = refused_port()
     started = time.monotonic()
     with pytest.raises(DriverError, match=r"connection was refused"):
         driver(f"http://127.0.0.1:{port}/orders.csv", cache_dir).query("SELECT 1", timeout=2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,7 +14,7 @@ from outpost.drivers import get_driver
 from outpost.drivers.base import DriverContext
 from outpost.drivers.mysql import MySQLDriver, MySQLOptions, read_only_refusal
 from outpost.errors import DriverError, ReadOnlyError, UsageError
-from tests.helpers import silent_listener
+from tests.helpers import refused_port, silent_listener
 
 pytestmark = pytest.mark.integration
 
@@ -85,12 +84,6 @@ def table_exists(admin: pymysql.cursors.Cursor, name: str) -> bool:
     )
     row = admin.fetchone()
     return bool(row and row[0])
-
-
-def refused_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])  # closed again: nothing listens there
 
 
 # --- options --------------------------------------------------------------------------------

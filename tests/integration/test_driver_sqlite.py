@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 import stat
 import time
@@ -16,7 +15,7 @@ from outpost.drivers.base import DriverContext
 from outpost.drivers.download import fetch_source
 from outpost.drivers.sqlite import SQLiteDriver
 from outpost.errors import DriverError, ReadOnlyError, UsageError
-from tests.helpers import FileServer, files_in, serve_files, silent_listener
+from tests.helpers import FileServer, files_in, refused_port, serve_files, silent_listener
 
 pytestmark = pytest.mark.integration
 
@@ -30,11 +29,6 @@ SLOW_SQL = (
 def server(tmp_path: Path) -> Iterator[FileServer]:
     with serve_files(tmp_path / "www") as served:
         yield served
-
-
-@pytest.fixture
-def cache_dir(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
 
 
 def make_db(path: Path, rows: int = 10, *, padding: int = 0) -> Path:
@@ -183,10 +177,7 @@ def test_http_404_is_one_clear_sentence_without_the_password(
 
 
 def test_refused_port_is_a_clear_error(cache_dir: Path) -> None:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = refused_port()
     d = driver(f"http://127.0.0.1:{port}/shop.db", cache_dir)
     started = time.monotonic()
     with pytest.raises(DriverError, match=r"connection was refused") as info:

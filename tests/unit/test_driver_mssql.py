@@ -8,7 +8,6 @@ import builtins
 import datetime as dt
 import decimal
 import importlib
-import socket
 import sys
 import time
 from typing import Any
@@ -24,7 +23,7 @@ from outpost.drivers.mssql import (
     read_only_refusal,
 )
 from outpost.errors import DriverError, OutpostError, ReadOnlyError, UsageError
-from tests.helpers import silent_listener
+from tests.helpers import refused_port, silent_listener
 
 #: Slack allowed on top of a timeout before a call counts as hanging.
 MARGIN = 3.0
@@ -34,12 +33,6 @@ PASSWORD = "Sekr3t-Pw-9081"
 def driver(**raw: Any) -> MSSQLDriver:
     options = MSSQLDriver.parse_options({"password": PASSWORD, **raw}, connection="erp")
     return MSSQLDriver(options, DriverContext(connection="erp"))
-
-
-def refused_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])  # closed again: nothing listens there
 
 
 # --- options --------------------------------------------------------------------------------
