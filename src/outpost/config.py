@@ -182,6 +182,57 @@ class PoolerConfig(Section):
     workers: int = Field(1, ge=1, le=64)
 
 
+class AWSCredentialsConfig(Section):
+    """Defaults for the aws-secretsmanager and aws-rds-iam sources (boto3's chain otherwise)."""
+
+    region: str | None = None
+    endpoint_url: str | None = Field(
+        None, description="Secrets Manager endpoint (an S3-compatible emulator, a VPC endpoint)"
+    )
+    profile: str | None = None
+
+
+class GCPCredentialsConfig(Section):
+    """Defaults for the gcp-secretmanager and gcp-cloudsql-iam sources."""
+
+    secretmanager_url: str = "https://secretmanager.googleapis.com"
+    credentials_file: str | None = Field(
+        None, description="a service-account JSON key; default: Application Default Credentials"
+    )
+
+
+class VaultAuthConfig(Section):
+    method: Literal["token", "approle", "kubernetes"] = "token"
+    token: SecretStr | None = Field(None, description="for method token; default $VAULT_TOKEN")
+    role_id: str | None = None
+    secret_id: SecretStr | None = None
+    role: str | None = Field(None, description="Kubernetes auth role")
+    jwt_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    mount: str | None = Field(None, description="auth mount (default: approle / kubernetes)")
+
+
+class VaultCredentialsConfig(Section):
+    address: str | None = Field(None, description="default: $VAULT_ADDR")
+    namespace: str | None = None
+    ca_file: str | None = None
+    timeout: float = Field(10.0, gt=0)
+    auth: VaultAuthConfig = Field(default_factory=VaultAuthConfig)
+
+
+class CredentialsConfig(Section):
+    """Where connection passwords given as `--password-from SOURCE` are fetched from."""
+
+    cache_ttl: float = Field(
+        300.0, ge=0, description="seconds a fetched secret without its own expiry is cached"
+    )
+    refresh_margin: float = Field(
+        60.0, ge=0, description="refresh an expiring token or lease this many seconds early"
+    )
+    aws: AWSCredentialsConfig = Field(default_factory=AWSCredentialsConfig)
+    gcp: GCPCredentialsConfig = Field(default_factory=GCPCredentialsConfig)
+    vault: VaultCredentialsConfig = Field(default_factory=VaultCredentialsConfig)
+
+
 def _default_data_dir() -> str:
     if os.geteuid() == 0:
         return "/var/lib/outpost"
@@ -202,6 +253,7 @@ class AgentConfig(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     hq: HQConfig = Field(default_factory=HQConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    credentials: CredentialsConfig = Field(default_factory=CredentialsConfig)
     pooler: PoolerConfig | None = None
 
 
@@ -214,6 +266,7 @@ SECTIONS["pooler"] = PoolerConfig
 
 #: Fields that hold secrets wherever they are, by (section, key).
 SECRET_FIELDS = {("hq", "token"), ("pooler", "auth_db_dsn")}
+_SECRET_LEAVES = {"token", "secret_id", "auth_db_dsn", "password"}
 _SECRET_KEY_WORDS = ("password", "secret", "token", "account_key", "credentials")
 
 
@@ -236,8 +289,14 @@ class LoadedConfig:
                 return {k: walk(v, (*path, k)) for k, v in node.items()}
             if node is None:
                 return None
-            if path in secrets or (
-                len(path) > 2 and any(w in path[-1].lower() for w in _SECRET_KEY_WORDS)
+            if (
+                path in secrets
+                or path[-1] in _SECRET_LEAVES
+                or (
+                    len(path) > 2
+                    and any(w in path[-1].lower() for w in _SECRET_KEY_WORDS)
+                    and not path[-1].endswith(("_url", "_file", "_path"))
+                )
             ):
                 return REDACTED
             return node

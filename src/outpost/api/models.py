@@ -41,6 +41,8 @@ class TestReport(_Model):
     server_version: str | None = None
     duration_seconds: float
     error: str | None = None
+    #: where the password came from (source, age of the cached value), never the value
+    password_source: str | None = None
 
 
 class QueryReport(_Model):

@@ -27,6 +27,9 @@ from outpost.api.models import (
     TestReport,
 )
 from outpost.config import LoadedConfig
+from outpost.credentials import parse_reference
+from outpost.credentials.base import CredentialContext, CredentialError, CredentialSource
+from outpost.credentials.cache import CredentialCache, Provenance
 from outpost.crypto import Key, load_key_file
 from outpost.drivers import get_driver
 from outpost.drivers.base import Driver, DriverContext, DriverOptions, Progress
@@ -98,6 +101,7 @@ class AgentService:
         self.started_at: float | None = None
         self.api_url: str | None = None
         self._status_lock = threading.Lock()
+        self.credentials = CredentialCache(loaded.config.credentials)
         #: warnings every CLI command repeats (the unencrypted-without-key one only serve says)
         self.cli_warnings: list[str] = []
         self.warnings = self._check_key() if check_key else []
@@ -114,6 +118,7 @@ class AgentService:
             raise
 
     def close(self) -> None:
+        self.credentials.close()
         self.store.close()
 
     # --- key checks -------------------------------------------------------------------
@@ -152,18 +157,71 @@ class AgentService:
 
     # --- helpers --------------------------------------------------------------------------
 
-    def _context(self, stored: StoredConnection) -> DriverContext:
+    def _context(self, name: str, slug: str) -> DriverContext:
         return DriverContext(
-            connection=stored.name,
-            cache_dir=self.store.data_dir / "cache" / stored.slug,
+            connection=name,
+            cache_dir=self.store.data_dir / "cache" / slug,
             progress=self.progress,
         )
 
-    def _build(self, stored: StoredConnection) -> Driver:
+    def _parse(
+        self, cls: type[Driver], raw: dict[str, Any], name: str
+    ) -> tuple[DriverOptions, CredentialSource | None]:
+        """Validate options; ``password_from`` (a credential source reference) is kept apart."""
+        raw = dict(raw)
+        reference = raw.pop("password_from", None)
+        source = None
+        if reference is not None:
+            if cls.password_option is None:
+                raise UsageError(f"The {cls.name} driver takes no password (--password-from).")
+            if raw.get(cls.password_option) is not None:
+                raise UsageError(
+                    f"Give connection {name!r} a password or --password-from, not both."
+                )
+            source = parse_reference(str(reference), self.config.credentials)
+        return cls.parse_options(raw, connection=name), source
+
+    def _storable(self, parsed: DriverOptions, source: CredentialSource | None) -> dict[str, Any]:
+        data = storable_options(parsed)
+        if source is not None:
+            data["password_from"] = source.reference
+        return data
+
+    def _driver(
+        self,
+        cls: type[Driver],
+        parsed: DriverOptions,
+        source: CredentialSource | None,
+        name: str,
+        slug: str,
+    ) -> tuple[Driver, Provenance | None, CredentialContext | None]:
+        """A driver ready to connect: the password fetched from its source when it has one."""
+        if source is None:
+            return cls(parsed, self._context(name, slug)), None, None
+        values = storable_options(parsed)
+        ctx = CredentialContext(
+            connection=name,
+            driver=cls.name,
+            host=getattr(parsed, "host", None),
+            port=getattr(parsed, "port", None),
+            user=getattr(parsed, "user", None),
+            options=values,
+        )
+        credential, provenance = self.credentials.get(source, ctx)
+        assert cls.password_option is not None
+        values[cls.password_option] = credential.password
+        if credential.username is not None:
+            values["user"] = credential.username
+        driver = cls(cls.parse_options(values, connection=name), self._context(name, slug))
+        return driver, provenance, ctx
+
+    def _build(
+        self, stored: StoredConnection
+    ) -> tuple[Driver, Provenance | None, CredentialSource | None, CredentialContext | None]:
         cls = get_driver(stored.driver)
-        raw = decode_options(stored, self.key)
-        options = cls.parse_options(raw, connection=stored.name)
-        return cls(options, self._context(stored))
+        parsed, source = self._parse(cls, decode_options(stored, self.key), stored.name)
+        driver, provenance, ctx = self._driver(cls, parsed, source, stored.name, stored.slug)
+        return driver, provenance, source, ctx
 
     def _info(self, stored: StoredConnection) -> ConnectionInfo:
         status = self.store.status(stored.slug)
@@ -184,8 +242,8 @@ class AgentService:
             check_seconds=status.duration_seconds if status else None,
         )
 
-    def _verify(self, driver: Driver, what: str) -> TestReport:
-        report = self._run_test(driver, driver.context.connection, "")
+    def _verify(self, driver: Driver, what: str, provenance: Provenance | None) -> TestReport:
+        report = self._run_test(driver, driver.context.connection, "", None, provenance)
         if not report.up:
             raise DriverError(
                 f"{report.error} Nothing was {what}; fix the options, or use --no-verify "
@@ -194,9 +252,15 @@ class AgentService:
         return report
 
     def _run_test(
-        self, driver: Driver, name: str, slug: str, timeout: float | None = None
+        self,
+        driver: Driver,
+        name: str,
+        slug: str,
+        timeout: float | None = None,
+        provenance: Provenance | None = None,
     ) -> TestReport:
         start = time.perf_counter()
+        source = provenance.describe() if provenance else None
         try:
             result = driver.test(timeout)
         except OutpostError as exc:
@@ -206,6 +270,7 @@ class AgentService:
                 up=False,
                 duration_seconds=time.perf_counter() - start,
                 error=driver.scrub(str(exc)),
+                password_source=source,
             )
         finally:
             driver.close()
@@ -215,6 +280,7 @@ class AgentService:
             up=True,
             server_version=result.server_version,
             duration_seconds=result.duration_seconds,
+            password_source=source,
         )
 
     def _record(self, report: TestReport) -> None:
@@ -243,12 +309,17 @@ class AgentService:
 
     def get_connection(self, slug: str) -> ConnectionDetail:
         stored = self.store.connection(slug)
-        driver = self._build(stored)
+        cls = get_driver(stored.driver)
+        parsed, source = self._parse(cls, decode_options(stored, self.key), stored.name)
         info = self._info(stored)
+        options = parsed.to_public()
+        if source is not None:
+            options["password_from"] = source.reference
         return ConnectionDetail(
             **info.model_dump(),
-            options=driver.options.to_public(),
+            options=options,
             encrypted=stored.encrypted,
+            password_source=source.reference if source else None,
         )
 
     def add_connection(
@@ -256,7 +327,7 @@ class AgentService:
     ) -> ConnectionInfo:
         name = _check_name(name)
         cls = get_driver(driver_name)
-        parsed = cls.parse_options(options, connection=name)
+        parsed, source = self._parse(cls, options, name)
         if any(c.name.lower() == name.lower() for c in self.store.connections()):
             existing = next(c for c in self.store.connections() if c.name.lower() == name.lower())
             raise ConflictError(
@@ -266,16 +337,9 @@ class AgentService:
         slug = self._unique_slug(name)
         report: TestReport | None = None
         if verify:
-            driver = cls(
-                parsed,
-                DriverContext(
-                    connection=name,
-                    progress=self.progress,
-                    cache_dir=self.store.data_dir / "cache" / slug,
-                ),
-            )
-            report = self._verify(driver, "saved")
-        blob, encrypted = encode_options(storable_options(parsed), self.key)
+            driver, provenance, _ = self._driver(cls, parsed, source, name, slug)
+            report = self._verify(driver, "saved", provenance)
+        blob, encrypted = encode_options(self._storable(parsed, source), self.key)
         self.store.apply(
             AddConnection(
                 slug=slug,
@@ -308,15 +372,20 @@ class AgentService:
             )
         cls = get_driver(stored.driver)
         current = decode_options(stored, self.key)
+        if changes.get("password_from") is not None and cls.password_option:
+            changes.setdefault(cls.password_option, None)  # a source replaces a stored password
+        if cls.password_option and changes.get(cls.password_option) is not None:
+            changes.setdefault("password_from", None)  # and a password replaces a source
         merged = {**current, **changes}
         for k, v in changes.items():
             if v is None:
                 merged.pop(k, None)
-        parsed = cls.parse_options(merged, connection=stored.name)
+        parsed, source = self._parse(cls, merged, stored.name)
         report: TestReport | None = None
         if verify:
-            report = self._verify(cls(parsed, self._context(stored)), "changed")
-        blob, encrypted = encode_options(storable_options(parsed), self.key)
+            driver, provenance, _ = self._driver(cls, parsed, source, stored.name, slug)
+            report = self._verify(driver, "changed", provenance)
+        blob, encrypted = encode_options(self._storable(parsed, source), self.key)
         self.store.apply(
             UpdateConnectionOptions(
                 slug=slug,
@@ -340,8 +409,20 @@ class AgentService:
     ) -> TestReport:
         """Connect with the stored options; TIMEOUT (seconds) overrides the driver's own."""
         stored = self.store.connection(slug)
-        driver = self._build(stored)
-        report = self._run_test(driver, stored.name, slug, timeout)
+        try:
+            driver, provenance, source, ctx = self._build(stored)
+        except CredentialError as exc:
+            report = TestReport(
+                slug=slug, name=stored.name, up=False, duration_seconds=0.0, error=str(exc)
+            )
+        else:
+            report = self._run_test(driver, stored.name, slug, timeout, provenance)
+            if not report.up and provenance is not None and provenance.cached:
+                # the database may have refused a value rotated at the source: fetch afresh
+                assert source is not None and ctx is not None
+                self.credentials.invalidate(source, ctx)
+                driver, provenance, _, _ = self._build(stored)
+                report = self._run_test(driver, stored.name, slug, timeout, provenance)
         if record:
             self._record(report)
         return report
@@ -368,7 +449,7 @@ class AgentService:
             raise UsageError("--max-rows must be at least 1.")
         timeout = timeout or self.config.query.timeout
         stored = self.store.connection(slug)
-        driver = self._build(stored)
+        driver, _, _, _ = self._build(stored)
         try:
             result = driver.query(
                 sql, params, max_rows=max_rows, timeout=timeout, allow_writes=allow_writes

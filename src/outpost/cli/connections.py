@@ -117,6 +117,16 @@ def _driver_command(driver_cls: type[Driver]) -> click.Command:
             )
             params.append(
                 click.Option(
+                    ["--password-from", "password_from"],
+                    metavar="SOURCE",
+                    help="Fetch the password when connecting instead of storing it: env:NAME, "
+                    "file:/path, aws-secretsmanager:NAME[#.path], aws-rds-iam, "
+                    "gcp-secretmanager:projects/P/secrets/S[#.path], gcp-cloudsql-iam, "
+                    "vault:MOUNT/PATH#field, vault-db:MOUNT/creds/ROLE.",
+                )
+            )
+            params.append(
+                click.Option(
                     ["--password-env"],
                     metavar="NAME",
                     help="Read the password from this environment variable.",
@@ -173,6 +183,9 @@ def _driver_command(driver_cls: type[Driver]) -> click.Command:
             )
             if pw is not None:
                 options[password] = pw
+            reference = kwargs.pop("password_from", None)
+            if reference is not None:
+                options["password_from"] = reference
         options.update({k: v for k, v in kwargs.items() if v is not None})
         with cli.backend() as backend:
             info = backend.add_connection(driver_cls.name, name, options, verify=verify)
@@ -370,18 +383,18 @@ def test(cli: CliContext, slug: str, fmt: str) -> None:
     if fmt == "json":
         print_json(report.model_dump(mode="json"))
     else:
-        print_table(
-            ["NAME", "SLUG", "UP", "SERVER VERSION", "SECONDS", "ERROR"],
-            [
-                (
-                    report.name,
-                    report.slug,
-                    _up(report.up),
-                    report.server_version,
-                    f"{report.duration_seconds:.3f}",
-                    report.error,
-                )
-            ],
-        )
+        columns = ["NAME", "SLUG", "UP", "SERVER VERSION", "SECONDS", "ERROR"]
+        row = [
+            report.name,
+            report.slug,
+            _up(report.up),
+            report.server_version,
+            f"{report.duration_seconds:.3f}",
+            report.error,
+        ]
+        if report.password_source:
+            columns.insert(5, "PASSWORD FROM")
+            row.insert(5, report.password_source)
+        print_table(columns, [row])
     if not report.up:
         raise click.exceptions.Exit(1)
