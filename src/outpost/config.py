@@ -187,7 +187,7 @@ class AWSCredentialsConfig(Section):
 
     region: str | None = None
     endpoint_url: str | None = Field(
-        None, description="Secrets Manager endpoint (an S3-compatible emulator, a VPC endpoint)"
+        None, description="Secrets Manager endpoint (a VPC endpoint or an emulator)"
     )
     profile: str | None = None
 
