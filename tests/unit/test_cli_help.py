@@ -39,3 +39,10 @@ def test_completion_script() -> None:
     result = CliRunner().invoke(cli, ["completion", "bash"])
     assert result.exit_code == 0
     assert "_OUTPOST_COMPLETE" in result.output
+
+
+def test_tables_keep_brackets(capsys: pytest.CaptureFixture[str]) -> None:
+    from outpost.cli.output import print_table
+
+    print_table(["ERROR"], [["Secret [projects/p/secrets/s] not found [bold]x[/bold]"]])
+    assert "Secret [projects/p/secrets/s] not found [bold]x[/bold]" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import click
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,7 +49,8 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*(cell(v) for v in row))
+        # escape: database and cloud errors contain [brackets] that rich would eat as markup
+        table.add_row(*(escape(cell(v)) for v in row))
     console().print(table)
 
 
