@@ -7,8 +7,10 @@ Where a server is missing a test skips with its reason; OUTPOST_REQUIRE_SERVICES
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -91,6 +93,52 @@ def _mysql_params(dsn: str) -> dict[str, object]:
 def mysql_params(mysql_dsn: str) -> dict[str, object]:
     """The MariaDB DSN as driver options (host, port, user, password, database)."""
     return _mysql_params(mysql_dsn)
+
+
+def mysql_admin(params: dict[str, object]) -> Any:
+    """A root (autocommit) PyMySQL connection to the test server."""
+    import pymysql
+
+    return pymysql.connect(
+        host=str(params["host"]),
+        port=int(str(params["port"])),
+        user=str(params["user"]),
+        password=str(params["password"]),
+        autocommit=True,
+    )
+
+
+class MariaUser:
+    """A MariaDB user with a password, created for one test and dropped after it."""
+
+    def __init__(self, params: dict[str, object]) -> None:
+        self.params = params
+        self.name = f"outpost_t_{uuid.uuid4().hex[:8]}"
+        self.password = "Maria-Pw-" + uuid.uuid4().hex[:8]
+        self._run("CREATE USER '{user}'@'{host}' IDENTIFIED BY %s", self.password)
+
+    def _run(self, statement: str, *args: object) -> None:
+        admin = mysql_admin(self.params)
+        try:
+            with admin.cursor() as cur:
+                for host in ("%%", "localhost"):
+                    cur.execute(statement.format(user=self.name, host=host), args or None)
+        finally:
+            admin.close()
+
+    def set_password(self, password: str) -> None:
+        self._run("ALTER USER '{user}'@'{host}' IDENTIFIED BY %s", password)
+        self.password = password
+
+    def drop(self) -> None:
+        self._run("DROP USER IF EXISTS '{user}'@'{host}'")
+
+
+@pytest.fixture
+def maria_user(mysql_params: dict[str, object]) -> Iterator[MariaUser]:
+    user = MariaUser(mysql_params)
+    yield user
+    user.drop()
 
 
 @pytest.fixture

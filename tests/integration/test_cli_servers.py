@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.conftest import MariaUser
 from tests.helpers import Agent
 from tests.integration.conftest import PgCluster
 
@@ -280,48 +281,30 @@ def test_mysql_lifecycle(agent: Agent, mysql_params: dict[str, object]) -> None:
         conn.close()
 
 
-def test_mysql_wrong_password(agent: Agent, mysql_params: dict[str, object]) -> None:
-    import pymysql
-
-    user = f"outpost_t_{uuid.uuid4().hex[:8]}"
-    good = "G00d-" + uuid.uuid4().hex[:8]
+def test_mysql_wrong_password(
+    agent: Agent, mysql_params: dict[str, object], maria_user: MariaUser
+) -> None:
     wrong = "Wr0ng-" + uuid.uuid4().hex[:8]
-    admin = pymysql.connect(
-        host=str(mysql_params["host"]),
-        port=int(str(mysql_params["port"])),
-        user=str(mysql_params["user"]),
-        password=str(mysql_params["password"]),
-        autocommit=True,
-    )
-    try:
-        with admin.cursor() as cur:
-            for host in ("%%", "localhost"):
-                cur.execute(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY %s", (good,))
-        base = [
-            "connections",
-            "add",
-            "mysql",
-            "--name",
-            "m",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mysql_params["port"]),
-            "--user",
-            user,
-            "--password-env",
-            "PW",
-        ]
-        result = agent.fails(*base, env={"PW": wrong})
-        assert wrong not in result.err and "ccess denied" in result.err
-        assert agent.list_json() == []
-        agent.ok(*base, env={"PW": good})
-        assert agent.list_json()[0]["up"] is True
-    finally:
-        with admin.cursor() as cur:
-            for host in ("%", "localhost"):
-                cur.execute(f"DROP USER IF EXISTS '{user}'@'{host}'")
-        admin.close()
+    base = [
+        "connections",
+        "add",
+        "mysql",
+        "--name",
+        "m",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(mysql_params["port"]),
+        "--user",
+        maria_user.name,
+        "--password-env",
+        "PW",
+    ]
+    result = agent.fails(*base, env={"PW": wrong})
+    assert wrong not in result.err and "ccess denied" in result.err
+    assert agent.list_json() == []
+    agent.ok(*base, env={"PW": maria_user.password})
+    assert agent.list_json()[0]["up"] is True
 
 
 def test_mssql_unreachable_is_clear(agent: Agent, silent_listener: int) -> None:

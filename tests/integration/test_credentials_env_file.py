@@ -5,13 +5,12 @@ at the source is picked up on the next connect, errors name the source and hold 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-import pymysql
 import pytest
 
+from tests.conftest import MariaUser
 from tests.helpers import Agent
 from tests.integration.conftest import PgCluster
 
@@ -30,45 +29,10 @@ def everything_on_disk(agent: Agent) -> bytes:
     return b"".join(p.read_bytes() for p in agent.data_dir.rglob("*") if p.is_file())
 
 
-@pytest.fixture
-def maria_user(mysql_params: dict[str, object]) -> Iterator[tuple[str, str]]:
-    user = f"outpost_c_{uuid.uuid4().hex[:8]}"
-    password = "Maria-Pw1-" + uuid.uuid4().hex[:8]
-    admin = pymysql.connect(
-        host=str(mysql_params["host"]),
-        port=int(str(mysql_params["port"])),
-        user=str(mysql_params["user"]),
-        password=str(mysql_params["password"]),
-        autocommit=True,
-    )
-    with admin.cursor() as cur:
-        for host in ("%%", "localhost"):
-            cur.execute(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY %s", (password,))
-    yield user, password
-    with admin.cursor() as cur:
-        for host in ("%%", "localhost"):
-            cur.execute(f"DROP USER IF EXISTS '{user}'@'{host}'")
-    admin.close()
-
-
-def set_maria_password(mysql_params: dict[str, object], user: str, password: str) -> None:
-    admin = pymysql.connect(
-        host=str(mysql_params["host"]),
-        port=int(str(mysql_params["port"])),
-        user=str(mysql_params["user"]),
-        password=str(mysql_params["password"]),
-        autocommit=True,
-    )
-    with admin.cursor() as cur:
-        for host in ("%%", "localhost"):
-            cur.execute(f"ALTER USER '{user}'@'{host}' IDENTIFIED BY %s", (password,))
-    admin.close()
-
-
 def test_file_source_with_mariadb_follows_a_changed_password(
-    agent: Agent, tmp_path: Path, mysql_params: dict[str, object], maria_user: tuple[str, str]
+    agent: Agent, tmp_path: Path, mysql_params: dict[str, object], maria_user: MariaUser
 ) -> None:
-    user, first = maria_user
+    user, first = maria_user.name, maria_user.password
     secret = tmp_path / "maria.pw"
     secret.write_text(first + "\n")
     secret.chmod(0o600)
@@ -94,7 +58,7 @@ def test_file_source_with_mariadb_follows_a_changed_password(
         table = agent.ok("connections", "test", "maria").out
         assert "PASSWORD FROM" in table and f"file:{secret}" in table
         second = "Maria-Pw2-" + uuid.uuid4().hex[:8]
-        set_maria_password(mysql_params, user, second)
+        maria_user.set_password(second)
         down = agent.fails("connections", "test", "maria", "--format", "json")
         assert "ccess denied" in down.out and second not in down.out and first not in down.out
         secret.write_text(second + "\n")  # changed at the source: no restart, no edit

@@ -5,14 +5,12 @@ Built-in kinds plus any registered under the ``outpost.credentials`` entry-point
 
 from __future__ import annotations
 
-import functools
-import importlib
 import time
-from importlib.metadata import entry_points
 
 from outpost.config import CredentialsConfig
 from outpost.credentials.base import Clock, CredentialSource
 from outpost.errors import UsageError
+from outpost.registry import Registry
 
 BUILTIN: dict[str, str] = {
     "env": "outpost.credentials.env:EnvSource",
@@ -26,29 +24,17 @@ BUILTIN: dict[str, str] = {
 }
 
 
-@functools.cache
-def _targets() -> dict[str, str]:
-    targets = dict(BUILTIN)
-    for ep in entry_points(group="outpost.credentials"):
-        targets.setdefault(ep.name, ep.value)
-    return targets
+REGISTRY: Registry[CredentialSource] = Registry(
+    "outpost.credentials", "credential source", CredentialSource, BUILTIN
+)
 
 
 def source_kinds() -> list[str]:
-    return sorted(_targets())
+    return REGISTRY.names()
 
 
 def source_class(kind: str) -> type[CredentialSource]:
-    targets = _targets()
-    if kind not in targets:
-        raise UsageError(
-            f"Unknown credential source {kind!r}; choose one of: {', '.join(sorted(targets))}."
-        )
-    module_name, _, attr = targets[kind].partition(":")
-    cls = getattr(importlib.import_module(module_name), attr)
-    if not (isinstance(cls, type) and issubclass(cls, CredentialSource)):
-        raise UsageError(f"Credential source {kind!r} is not an outpost CredentialSource.")
-    return cls
+    return REGISTRY.get(kind)
 
 
 def parse_reference(
@@ -56,7 +42,7 @@ def parse_reference(
 ) -> CredentialSource:
     """``env:NAME`` -> EnvSource("NAME"); a UsageError for anything malformed."""
     reference = reference.strip()
-    kinds = sorted(_targets(), key=len, reverse=True)  # vault-db before vault
+    kinds = sorted(REGISTRY.names(), key=len, reverse=True)  # vault-db before vault
     for kind in kinds:
         if reference == kind or reference.startswith(kind + ":"):
             cls = source_class(kind)
@@ -70,5 +56,5 @@ def parse_reference(
             return cls(argument, config, clock)
     raise UsageError(
         f"--password-from {reference!r} is not a credential source; write KIND:ARGUMENT with "
-        f"KIND one of: {', '.join(sorted(_targets()))}."
+        f"KIND one of: {', '.join(REGISTRY.names())}."
     )

@@ -3,12 +3,8 @@ entry-point group by third parties."""
 
 from __future__ import annotations
 
-import functools
-import importlib
-from importlib.metadata import entry_points
-
 from outpost.drivers.base import Driver
-from outpost.errors import UsageError
+from outpost.registry import Registry
 
 BUILTIN: dict[str, str] = {
     "postgres": "outpost.drivers.postgres:PostgresDriver",
@@ -20,27 +16,13 @@ BUILTIN: dict[str, str] = {
 }
 
 
-@functools.cache
-def _targets() -> dict[str, str]:
-    """Built-ins plus entry points, read once per process (scanning them takes milliseconds)."""
-    targets = dict(BUILTIN)
-    for ep in entry_points(group="outpost.drivers"):
-        targets.setdefault(ep.name, ep.value)
-    return targets
+REGISTRY: Registry[Driver] = Registry("outpost.drivers", "driver", Driver, BUILTIN)
 
 
 def driver_names() -> list[str]:
-    return sorted(_targets())
+    return REGISTRY.names()
 
 
 def get_driver(name: str) -> type[Driver]:
     """The driver class registered as NAME, or a UsageError listing the known ones."""
-    targets = _targets()
-    if name not in targets:
-        raise UsageError(f"Unknown driver {name!r}; choose one of: {', '.join(sorted(targets))}.")
-    module_name, _, attr = targets[name].partition(":")
-    module = importlib.import_module(module_name)
-    cls = getattr(module, attr)
-    if not (isinstance(cls, type) and issubclass(cls, Driver)):
-        raise UsageError(f"Driver {name!r} ({targets[name]}) is not an outpost Driver.")
-    return cls
+    return REGISTRY.get(name)
