@@ -125,6 +125,14 @@ class Agent:
         )
         return result
 
+    def with_key(self) -> Agent:
+        """Generate a key with `outpost key generate` and point key_path at it."""
+        path = self.root / "agent.key"
+        self.ok("key", "generate", str(path))
+        self.config["key_path"] = str(path)
+        self.write_config()
+        return self
+
     def list_json(self) -> list[dict[str, Any]]:
         data = self.ok("connections", "list", "--format", "json").json
         assert isinstance(data, list)

@@ -68,6 +68,19 @@ class PgCluster:
         opts.update(overrides)
         return opts
 
+    def cli_flags(self, host: str | None = None) -> list[str]:
+        """`outpost connections add postgres` flags for this cluster (no password, no ssl)."""
+        return [
+            "--host",
+            host or self.host,
+            "--port",
+            str(self.port),
+            "--user",
+            self.user,
+            "--database",
+            self.database,
+        ]
+
     def superuser_conninfo(self, dbname: str = "postgres") -> dict[str, Any]:
         """psycopg.connect() keyword arguments for the superuser over the Unix socket."""
         return {

@@ -33,11 +33,7 @@ def agent(tmp_path: Path) -> Agent:
 
 @pytest.fixture
 def keyed_agent(tmp_path: Path) -> Agent:
-    a = Agent(tmp_path / "keyed")
-    a.ok("key", "generate", str(a.root / "agent.key"))
-    a.config["key_path"] = str(a.root / "agent.key")
-    a.write_config()
-    return a
+    return Agent(tmp_path / "keyed").with_key()
 
 
 def add_sample(agent: Agent, db: Path, name: str = "Sample shop") -> None:

@@ -17,11 +17,7 @@ from tests.integration.conftest import PgCluster
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Agent:
-    a = Agent(tmp_path / "agent")
-    a.ok("key", "generate", str(a.root / "agent.key"))
-    a.config["key_path"] = str(a.root / "agent.key")
-    a.write_config()
-    return a
+    return Agent(tmp_path / "agent").with_key()
 
 
 def pg_flags(params: dict[str, object]) -> list[str]:
@@ -134,14 +130,7 @@ def test_wrong_password_saves_nothing_and_hides_it(agent: Agent, pg_tls_cluster:
         "postgres",
         "--name",
         "tls",
-        "--host",
-        c.host,
-        "--port",
-        str(c.port),
-        "--user",
-        c.user,
-        "--database",
-        c.database,
+        *c.cli_flags(),
         "--password-env",
         "PW",
         env={"PW": wrong},
@@ -157,14 +146,7 @@ def test_wrong_password_saves_nothing_and_hides_it(agent: Agent, pg_tls_cluster:
         "postgres",
         "--name",
         "tls",
-        "--host",
-        c.host,
-        "--port",
-        str(c.port),
-        "--user",
-        c.user,
-        "--database",
-        c.database,
+        *c.cli_flags(),
         "--password-env",
         "PW",
         "--ssl",
@@ -190,14 +172,7 @@ def test_verify_full_name_mismatch(agent: Agent, pg_tls_cluster: PgCluster) -> N
         "postgres",
         "--name",
         "tls",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(c.port),
-        "--user",
-        c.user,
-        "--database",
-        c.database,
+        *c.cli_flags("127.0.0.1"),
         "--password-env",
         "PW",
         "--ssl",

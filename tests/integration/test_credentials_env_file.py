@@ -17,12 +17,8 @@ from tests.integration.conftest import PgCluster
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Agent:
-    a = Agent(tmp_path / "agent")
-    a.ok("key", "generate", str(a.root / "agent.key"))
-    a.config["key_path"] = str(a.root / "agent.key")
-    a.config["log"] = {"level": "debug"}
-    a.write_config()
-    return a
+    a = Agent(tmp_path / "agent", config={"log": {"level": "debug"}})
+    return a.with_key()
 
 
 def everything_on_disk(agent: Agent) -> bytes:
@@ -76,14 +72,7 @@ def test_file_source_with_mariadb_follows_a_changed_password(
 def test_env_source_with_postgres_scram(agent: Agent, pg_tls_cluster: PgCluster) -> None:
     c = pg_tls_cluster
     base = [
-        "--host",
-        c.host,
-        "--port",
-        str(c.port),
-        "--user",
-        c.user,
-        "--database",
-        c.database,
+        *c.cli_flags(),
         "--ssl",
         "verify-full",
         "--ssl-root-cert",
@@ -125,7 +114,7 @@ def test_switching_between_stored_password_and_source(
     agent: Agent, pg_tls_cluster: PgCluster, tmp_path: Path
 ) -> None:
     c = pg_tls_cluster
-    base = ["--host", c.host, "--port", str(c.port), "--user", c.user, "--database", c.database]
+    base = c.cli_flags()
     agent.ok(
         "connections",
         "add",

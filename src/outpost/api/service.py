@@ -328,8 +328,10 @@ class AgentService:
         name = _check_name(name)
         cls = get_driver(driver_name)
         parsed, source = self._parse(cls, options, name)
-        if any(c.name.lower() == name.lower() for c in self.store.connections()):
-            existing = next(c for c in self.store.connections() if c.name.lower() == name.lower())
+        existing = next(
+            (c for c in self.store.connections() if c.name.lower() == name.lower()), None
+        )
+        if existing is not None:
             raise ConflictError(
                 f"A connection named {name!r} already exists (slug {existing.slug!r}); "
                 "choose another name."

@@ -127,6 +127,8 @@ class Driver(ABC):
     password_option: ClassVar[str | None] = "password"  # noqa: S105 - option name
 
     def __init__(self, options: DriverOptions, context: DriverContext | None = None) -> None:
+        if not isinstance(options, self.options_model):
+            options = self.options_model.model_validate(options.model_dump())
         self.options = options
         self.context = context or DriverContext()
 

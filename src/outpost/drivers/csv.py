@@ -423,8 +423,6 @@ class CSVDriver(Driver):
     options: CSVOptions
 
     def __init__(self, options: DriverOptions, context: DriverContext | None = None) -> None:
-        if not isinstance(options, CSVOptions):
-            options = CSVOptions.model_validate(options.model_dump())
         super().__init__(options, context)
         self._loaded: LoadedCSV | None = None
         self._load_lock = threading.Lock()

@@ -262,11 +262,6 @@ class SQLiteDriver(Driver):
 
     options: SQLiteOptions
 
-    def __init__(self, options: DriverOptions, context: DriverContext | None = None) -> None:
-        if not isinstance(options, SQLiteOptions):
-            options = SQLiteOptions.model_validate(options.model_dump())
-        super().__init__(options, context)
-
     # --- Driver -------------------------------------------------------------------------
 
     def test(self, timeout: float | None = None) -> TestResult:
