@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-stop test lint typecheck unit venv clean
+.PHONY: demo demo-stop test lint typecheck unit venv clean system-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+system-deps:
+	@bash scripts/system-deps.sh
 
 demo: $(STAMP)
 	@bash scripts/demo.sh
@@ -30,7 +33,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit -q
 
-test: lint typecheck
+test: system-deps lint typecheck
 	$(BIN)/pytest -q
 
 clean:

@@ -12,8 +12,11 @@ from outpost.cli.backup import backup
 from outpost.cli.config_cmd import config
 from outpost.cli.connections import connections
 from outpost.cli.context import CliContext
+from outpost.cli.hq import hq
 from outpost.cli.key import key
+from outpost.cli.login import login
 from outpost.cli.misc import completion, status
+from outpost.cli.pooler import pooler
 from outpost.cli.query import query
 from outpost.cli.serve import serve
 from outpost.errors import OutpostError
@@ -44,7 +47,9 @@ def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
     ctx.obj = CliContext(config_arg=config_path, debug=debug)
 
 
-for command in (config, key, connections, query, backup, serve, status, completion):
+for command in (
+    config, key, connections, query, backup, serve, login, hq, pooler, status, completion
+):
     cli.add_command(command)
 
 

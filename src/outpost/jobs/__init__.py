@@ -1,0 +1,1 @@
+"""Job kinds and the executor: limits, timeouts, cancel, at-most-once by job id."""

@@ -1,0 +1,2 @@
+"""The agent's side of the HQ link: login, WebSocket or long-poll transport, reconnect, signed
+job verification."""

@@ -1,0 +1,1 @@
+"""A PostgreSQL connection pooler: protocol handling, auth, routes, pools, admin console."""

@@ -1,0 +1,1 @@
+"""Schema inspection: one JSON document of the same shape for every driver."""
