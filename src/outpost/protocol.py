@@ -179,13 +179,7 @@ class Disconnect(_Message):
 
 
 AgentMessage = Annotated[
-    Hello
-    | Heartbeat
-    | ConnectionsReport
-    | JobAccepted
-    | JobRejected
-    | ResultChunk
-    | JobFinished,
+    Hello | Heartbeat | ConnectionsReport | JobAccepted | JobRejected | ResultChunk | JobFinished,
     Field(discriminator="type"),
 ]
 HQMessage = Annotated[

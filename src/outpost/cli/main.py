@@ -48,7 +48,17 @@ def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
 
 
 for command in (
-    config, key, connections, query, backup, serve, login, hq, pooler, status, completion
+    config,
+    key,
+    connections,
+    query,
+    backup,
+    serve,
+    login,
+    hq,
+    pooler,
+    status,
+    completion,
 ):
     cli.add_command(command)
 
