@@ -125,6 +125,9 @@ class Driver(ABC):
     options_model: ClassVar[type[DriverOptions]]
     #: the option that holds the password, if any (for --password-file etc.)
     password_option: ClassVar[str | None] = "password"  # noqa: S105 - option name
+    #: the SQLAlchemy dialect that inspects this driver's schemas through ``dbapi_connect``
+    #: (``postgresql+psycopg``); None when the driver offers no schema inspection
+    sqlalchemy_dialect: ClassVar[str | None] = None
 
     def __init__(self, options: DriverOptions, context: DriverContext | None = None) -> None:
         if not isinstance(options, self.options_model):
@@ -180,6 +183,19 @@ class Driver(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release anything the driver keeps open (nothing by default)."""
+
+    def dbapi_connect(self, timeout: float | None = None) -> Any:
+        """A new DB-API connection for schema inspection (``sqlalchemy_dialect``'s DBAPI).
+
+        It reads only where the database allows saying so, and TIMEOUT (seconds; None or <= 0
+        for none) limits each statement where the driver can. The caller closes it.
+        """
+        raise DriverError(
+            self.scrub(
+                f"Connection {self.context.connection!r} cannot be inspected: the "
+                f"{self.display_name} driver offers no schema inspection."
+            )
+        )
 
     # --- helpers for subclasses -----------------------------------------------------------
 

@@ -419,6 +419,7 @@ class CSVDriver(Driver):
     display_name = "CSV"
     options_model = CSVOptions
     password_option = None
+    sqlalchemy_dialect = "sqlite"
 
     options: CSVOptions
 
@@ -476,6 +477,43 @@ class CSVDriver(Driver):
             if self._loaded is not None:
                 self._loaded.close()
                 self._loaded = None
+
+    def dbapi_connect(self, timeout: float | None = None) -> sqlite3.Connection:
+        """A read-only in-memory SQLite database holding the loaded file's schema (its table
+        and the ``csv`` view, no rows), for schema inspection; a TIMEOUT (seconds, > 0) stops
+        its statements once it has passed."""
+        limit = timeout if timeout is not None and timeout > 0 else None
+        wait = DEFAULT_TEST_TIMEOUT if limit is None else limit
+        loaded = self.load(timeout=wait, max_age=QUERY_MAX_AGE_SECONDS)
+        if not loaded.lock.acquire(timeout=wait):
+            raise self.error(
+                "Inspection timed out",
+                f"queries on the file kept it busy for the whole timeout of {wait:g} s",
+            )
+        try:
+            ddl = [
+                str(row[0])
+                for row in loaded.conn.execute(
+                    "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid"
+                )
+            ]
+        except sqlite3.Error as exc:
+            raise self.error("Cannot read the loaded CSV file's schema", exc) from None
+        finally:
+            loaded.lock.release()
+        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        try:
+            for statement in ddl:
+                conn.execute(statement)
+            conn.execute("PRAGMA query_only=ON")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self.error("Cannot copy the loaded CSV file's schema", exc) from None
+        guard = StatementGuard(read_only=True)
+        guard.install(conn)
+        if limit is not None:
+            guard.arm(limit)
+        return conn
 
     # --- loading --------------------------------------------------------------------------
 

@@ -201,6 +201,7 @@ class MSSQLDriver(Driver):
     name = "mssql"
     display_name = "Microsoft SQL Server"
     options_model = MSSQLOptions
+    sqlalchemy_dialect = "mssql+pymssql"
 
     options: MSSQLOptions
 
@@ -363,6 +364,16 @@ class MSSQLDriver(Driver):
                 conn.close()
         result.duration_seconds = elapsed()
         return result
+
+    def dbapi_connect(self, timeout: float | None = None) -> Any:
+        """A pymssql connection for schema inspection; with a TIMEOUT (seconds, > 0) it also
+        bounds the login and each statement (pymssql's query timeout, whole seconds)."""
+        login_timeout = self.options.timeout
+        query_timeout = 0
+        if timeout is not None and timeout > 0:
+            query_timeout = max(1, math.ceil(timeout))
+            login_timeout = min(login_timeout, query_timeout)
+        return self._connect(login_timeout, query_timeout)
 
     # --- query helpers --------------------------------------------------------------------
 

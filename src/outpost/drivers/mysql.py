@@ -227,6 +227,7 @@ class MySQLDriver(Driver):
     name = "mysql"
     display_name = "MySQL"
     options_model = MySQLOptions
+    sqlalchemy_dialect = "mysql+pymysql"
 
     options: MySQLOptions
 
@@ -419,6 +420,34 @@ class MySQLDriver(Driver):
             self._abandon(conn, cur)
         result.duration_seconds = elapsed()
         return result
+
+    def dbapi_connect(self, timeout: float | None = None) -> pymysql.connections.Connection[Any]:
+        """A connection for schema inspection: the session is read-only and, with a TIMEOUT
+        (seconds, > 0), each statement is limited to it (MariaDB ``max_statement_time``, MySQL
+        ``max_execution_time``), with the socket read timeout a little above as a backstop."""
+        limit = timeout if timeout is not None and timeout > 0 else None
+        connect_timeout = float(self.options.timeout)
+        if limit is not None:
+            connect_timeout = min(connect_timeout, limit)
+        conn = self._connect(connect_timeout)
+        try:
+            is_mariadb, version = _mysql_version(_server_info(conn))
+            with conn.cursor() as cur:
+                if limit is not None and is_mariadb:
+                    self._try_set(cur, "SET SESSION max_statement_time = %s", limit)
+                elif limit is not None and version >= (5, 7, 8):
+                    millis = max(1, round(limit * 1000))
+                    self._try_set(cur, "SET SESSION max_execution_time = %s", millis)
+                try:
+                    cur.execute("SET SESSION TRANSACTION READ ONLY")
+                except pymysql.MySQLError as exc:
+                    if _errno(exc) != ER_PARSE_ERROR:  # older than MySQL 5.6.5 / MariaDB 10.0
+                        raise
+        except pymysql.MySQLError as exc:
+            self._abandon(conn, None)
+            raise self.error("Cannot prepare the session", _errmsg(exc)) from None
+        self._set_socket_timeouts(conn, None if limit is None else limit + max(2.0, limit / 10))
+        return conn
 
     # --- query helpers --------------------------------------------------------------------
 

@@ -119,6 +119,7 @@ class PostgresDriver(Driver):
     options_model: ClassVar[type[DriverOptions]] = PostgresOptions
     #: the statement whose single value test() reports as the server version
     version_sql: ClassVar[str] = "SHOW server_version"
+    sqlalchemy_dialect: ClassVar[str | None] = "postgresql+psycopg"
 
     @property
     def opts(self) -> PostgresOptions:
@@ -324,6 +325,24 @@ class PostgresDriver(Driver):
             duration_seconds=elapsed(),
             notices=[self.scrub(n) for n in notices],
         )
+
+    def dbapi_connect(self, timeout: float | None = None) -> psycopg.Connection[TupleRow]:
+        """A connection for schema inspection: every transaction is ``BEGIN READ ONLY``, the
+        session's ``statement_timeout`` is TIMEOUT (none when None or <= 0) and its
+        ``search_path`` is ``pg_catalog`` only, so that the catalog names every other schema
+        (foreign keys, defaults, view definitions, types) whatever the role's search_path."""
+        conn = self.connect(timeout, autocommit=True)
+        try:
+            millis = max(1, round(timeout * 1000)) if timeout and timeout > 0 else 0
+            with conn.cursor() as cur:
+                cur.execute("SET search_path = pg_catalog")
+                cur.execute(pg_sql.SQL("SET statement_timeout = {}").format(pg_sql.Literal(millis)))
+            conn.autocommit = False
+            conn.read_only = True
+        except psycopg.Error as exc:
+            conn.close()
+            raise self._query_error(exc, timeout) from exc
+        return conn
 
     # --- query internals ----------------------------------------------------------------
 

@@ -259,6 +259,7 @@ class SQLiteDriver(Driver):
     display_name = "SQLite"
     options_model = SQLiteOptions
     password_option = None
+    sqlalchemy_dialect = "sqlite"
 
     options: SQLiteOptions
 
@@ -314,6 +315,18 @@ class SQLiteDriver(Driver):
             conn.close()
         result.duration_seconds = elapsed()
         return result
+
+    def dbapi_connect(self, timeout: float | None = None) -> sqlite3.Connection:
+        """A read-only connection to the database file (downloaded when it is remote) for
+        schema inspection; a TIMEOUT (seconds, > 0) stops its statements once it has passed
+        since the connection was opened."""
+        limit = timeout if timeout is not None and timeout > 0 else None
+        wait = DEFAULT_TEST_TIMEOUT if limit is None else limit
+        path = self._fetch(timeout=wait, max_age=QUERY_MAX_AGE_SECONDS)
+        conn, guard = self._open(path, writable=False, timeout=wait)
+        if limit is not None:
+            guard.arm(limit)
+        return conn
 
     # --- helpers --------------------------------------------------------------------------
 
