@@ -156,7 +156,7 @@ class StorageConfig(Section):
 
 
 class PoolerConfig(Section):
-    """The PostgreSQL pooler (used by the pooler issue; validated now)."""
+    """The PostgreSQL pooler: `outpost pooler serve`, or inside `outpost serve` when present."""
 
     listen_addresses: list[HostPort] = Field(default_factory=lambda: ["127.0.0.1:6432"])
     pool_mode: Literal["transaction", "session"] = "transaction"
@@ -172,6 +172,13 @@ class PoolerConfig(Section):
     client_wait_timeout: float = Field(30.0, gt=0)
     auth_db_dsn: SecretStr | None = None
     auth_query_timeout: float = Field(5.0, gt=0)
+    auth_cache_seconds: float = Field(
+        5.0, ge=0, description="how long a perseus_auth row is reused before it is read again"
+    )
+    dest_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = (
+        Field("prefer", description="TLS to destinations of perseus_auth routes")
+    )
+    dest_sslrootcert: str | None = None
     aws_kms_key_arn: str | None = None
     admin_users: list[str] = Field(default_factory=list)
     client_auth: Literal["scram-sha-256", "md5", "plain"] = "scram-sha-256"

@@ -31,6 +31,7 @@ from outpost.errors import (
     ReadOnlyError,
     UsageError,
 )
+from outpost.pooler.route_admin import LocalRouteAdmin
 
 log = logging.getLogger("outpost.api")
 T = TypeVar("T")
@@ -170,6 +171,30 @@ def create_app(state: AgentState) -> Starlette:
         state.metrics.queries.labels(driver, "ok").inc()
         return report
 
+    def route_admin() -> LocalRouteAdmin:
+        return LocalRouteAdmin(svc.store, svc.key)  # the key as of now (rotation changes it)
+
+    async def list_routes(request: Request) -> Any:
+        return await state.run(route_admin().list_routes)
+
+    async def add_route(request: Request) -> Any:
+        data = await body(request)
+        return await state.run(
+            route_admin().add_route,
+            str(data.get("database") or ""),
+            str(data.get("schema") or ""),
+            str(data.get("user") or ""),
+            str(data.get("password") or ""),
+            str(data.get("to") or ""),
+        )
+
+    async def remove_route(request: Request) -> Any:
+        return await state.run(
+            route_admin().remove_route,
+            request.query_params.get("database", ""),
+            request.query_params.get("schema", ""),
+        )
+
     async def backup(request: Request) -> Any:
         data = await state.run(svc.backup_bytes)
         return Response(data, media_type="application/octet-stream")
@@ -203,5 +228,8 @@ def create_app(state: AgentState) -> Starlette:
         Route("/v1/connections/{slug}/test", authed(test_connection), methods=["POST"]),
         Route("/v1/connections/{slug}/query", authed(query), methods=["POST"]),
         Route("/v1/backup", authed(backup), methods=["POST"]),
+        Route("/v1/pooler/routes", authed(list_routes), methods=["GET"]),
+        Route("/v1/pooler/routes", authed(add_route), methods=["POST"]),
+        Route("/v1/pooler/routes", authed(remove_route), methods=["DELETE"]),
     ]
     return Starlette(routes=routes)

@@ -26,6 +26,7 @@ from outpost.errors import (
     ReadOnlyError,
     UsageError,
 )
+from outpost.pooler.route_admin import RouteInfo
 
 M = TypeVar("M", bound=BaseModel)
 _KINDS: dict[str, type[OutpostError]] = {
@@ -68,9 +69,15 @@ class AgentClient:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> httpx.Response:
         try:
-            response = self._http.request(method, path, json=body)
+            response = self._http.request(method, path, json=body, params=params)
         except httpx.HTTPError as exc:
             raise OutpostError(
                 f"Cannot reach the running agent at {self.url}: {exc}; is `outpost serve` "
@@ -142,3 +149,19 @@ class AgentClient:
 
     def status(self) -> AgentStatus:
         return self._model(AgentStatus, "GET", "/v1/status")
+
+    # --- pooler routes (the same methods as outpost.pooler.route_admin.LocalRouteAdmin) ----
+
+    def list_routes(self) -> list[RouteInfo]:
+        data = self._call("GET", "/v1/pooler/routes").json()
+        return TypeAdapter(list[RouteInfo]).validate_python(data)
+
+    def add_route(self, database: str, schema: str, user: str, password: str, to: str) -> RouteInfo:
+        body = {"database": database, "schema": schema, "user": user, "password": password}
+        body["to"] = to
+        return self._model(RouteInfo, "POST", "/v1/pooler/routes", body)
+
+    def remove_route(self, database: str, schema: str) -> RouteInfo:
+        params = {"database": database, "schema": schema}
+        response = self._call("DELETE", "/v1/pooler/routes", params=params)
+        return RouteInfo.model_validate(response.json())

@@ -16,6 +16,7 @@ from outpost.state.store import AgentRunningError
 
 if TYPE_CHECKING:
     from outpost.api.client import AgentClient
+    from outpost.pooler.route_admin import RouteAdmin
 
 
 @dataclass
@@ -56,6 +57,17 @@ class CliContext:
             if isinstance(backend, AgentService) and isinstance(backend.progress, DownloadProgress):
                 backend.progress.close()
             backend.close()
+
+    @contextlib.contextmanager
+    def route_admin(self) -> Iterator[RouteAdmin]:
+        """Pooler route changes: on the store here, or through the running agent's API."""
+        from outpost.pooler.route_admin import LocalRouteAdmin
+
+        with self.backend() as backend:
+            if isinstance(backend, AgentService):
+                yield LocalRouteAdmin(backend.store, backend.key)
+            else:
+                yield backend
 
 
 pass_cli = click.make_pass_decorator(CliContext, ensure=True)

@@ -86,6 +86,9 @@ class RekeyConnections(_Command):
     items: list[RekeyItem]
     key_id: str | None
     at: float
+    #: the pooler routes re-sealed with the new key; None from a caller that knows no routes
+    #: (refused when routes are stored, so that none is left sealed with the old key)
+    routes: list[RekeyRouteItem] | None = None
 
 
 class RestoreConnections(_Command):
@@ -95,6 +98,50 @@ class RestoreConnections(_Command):
     connections: list[StoredConnection]
     key_id: str | None
     at: float
+    routes: list[StoredRoute] = Field(default_factory=list)
+
+
+class StoredRoute(BaseModel):
+    """A pooler route as stored: who may connect to (database, schema) as which user, and the
+    connection (slug) it leads to. ``secret_b64`` is the client's password verifiers (SCRAM,
+    scrypt, md5 as JSON), sealed with the agent key when there is one; never the password."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    database: str
+    schema_name: str
+    user: str
+    to: str
+    secret_b64: str
+    encrypted: bool
+    created_at: float
+
+    @property
+    def secret_blob(self) -> bytes:
+        return base64.b64decode(self.secret_b64)
+
+
+class AddRoute(_Command):
+    """Add a pooler route (database, schema) -> connection ``to``."""
+
+    type: Literal["add_route"] = "add_route"
+    route: StoredRoute
+    key_id: str | None = None
+
+
+class RemoveRoute(_Command):
+    type: Literal["remove_route"] = "remove_route"
+    database: str
+    schema_name: str
+
+
+class RekeyRouteItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    database: str
+    schema_name: str
+    secret_b64: str
+    encrypted: bool
 
 
 class MarkStarted(_Command):
@@ -111,7 +158,9 @@ Command = Annotated[
     | DeleteConnection
     | RekeyConnections
     | RestoreConnections
-    | MarkStarted,
+    | MarkStarted
+    | AddRoute
+    | RemoveRoute,
     Field(discriminator="type"),
 ]
 

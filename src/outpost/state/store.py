@@ -24,13 +24,16 @@ from typing import Literal
 from outpost.errors import ConflictError, DataDirLockedError, NotFoundError, OutpostError
 from outpost.state.commands import (
     AddConnection,
+    AddRoute,
     Command,
     DeleteConnection,
     MarkStarted,
     RekeyConnections,
+    RemoveRoute,
     RenameConnection,
     RestoreConnections,
     StoredConnection,
+    StoredRoute,
     UpdateConnectionOptions,
     b64,
 )
@@ -39,6 +42,8 @@ SCHEMA_VERSION = 1
 DB_NAME = "agent.db"
 LOCK_NAME = "agent.lock"
 Owner = Literal["serve", "cli"]
+#: The drivers a pooler route may lead to (they speak the PostgreSQL protocol).
+ROUTE_DRIVERS = ("postgres", "redshift")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -55,6 +60,17 @@ CREATE TABLE IF NOT EXISTS connections (
     updated_at REAL NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS connections_name ON connections (lower(name));
+-- Pooler routes: (database, schema) -> connection; the client's password verifiers sealed.
+CREATE TABLE IF NOT EXISTS routes (
+    database    TEXT NOT NULL,
+    schema_name TEXT NOT NULL,
+    user        TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    secret      BLOB NOT NULL,
+    encrypted   INTEGER NOT NULL,
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (database, schema_name)
+);
 -- Local observations (last check of each connection): not replicated, not backed up.
 CREATE TABLE IF NOT EXISTS connection_status (
     slug             TEXT PRIMARY KEY,
@@ -169,6 +185,52 @@ def _row_to_connection(row: sqlite3.Row) -> StoredConnection:
     )
 
 
+def _row_to_route(row: sqlite3.Row) -> StoredRoute:
+    return StoredRoute(
+        database=row["database"],
+        schema_name=row["schema_name"],
+        user=row["user"],
+        to=row["target"],
+        secret_b64=b64(row["secret"]),
+        encrypted=bool(row["encrypted"]),
+        created_at=row["created_at"],
+    )
+
+
+def _insert_route(db: sqlite3.Connection, route: StoredRoute) -> None:
+    db.execute(
+        "INSERT INTO routes (database, schema_name, user, target, secret, encrypted, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            route.database,
+            route.schema_name,
+            route.user,
+            route.to,
+            route.secret_blob,
+            int(route.encrypted),
+            route.created_at,
+        ),
+    )
+
+
+def route_label(database: str, schema_name: str) -> str:
+    """How a route is named in messages: database/schema."""
+    return f"{database}/{schema_name}"
+
+
+def _routes_to(db: sqlite3.Connection, slug: str) -> list[str]:
+    rows = db.execute(
+        "SELECT database, schema_name FROM routes WHERE target = ? ORDER BY database, schema_name",
+        (slug,),
+    ).fetchall()
+    return [route_label(r[0], r[1]) for r in rows]
+
+
+#: Public names for readers of the store file that do not hold the lock (the pooler).
+connection_from_row = _row_to_connection
+route_from_row = _row_to_route
+
+
 def _get_meta(db: sqlite3.Connection, key: str) -> str | None:
     row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return None if row is None else str(row[0])
@@ -246,6 +308,16 @@ def apply(db: sqlite3.Connection, command: Command) -> None:
             _set_meta(db, "key_id", command.key_id)
     elif isinstance(command, DeleteConnection):
         _require(db, command.slug)
+        routes = _routes_to(db, command.slug)
+        if routes:
+            shown = ", ".join(routes[:5]) + (
+                f" and {len(routes) - 5} more" if len(routes) > 5 else ""
+            )
+            raise ConflictError(
+                f"Connection {command.slug!r} is the destination of {len(routes)} pooler "
+                f"route(s) ({shown}); remove them first with `outpost pooler routes remove "
+                "--database D --schema S`."
+            )
         db.execute("DELETE FROM connections WHERE slug = ?", (command.slug,))
         db.execute("DELETE FROM connection_status WHERE slug = ?", (command.slug,))
     elif isinstance(command, RekeyConnections):
@@ -255,10 +327,34 @@ def apply(db: sqlite3.Connection, command: Command) -> None:
             raise ConflictError(
                 "The connections changed while the key rotation was prepared; run it again."
             )
+        stored_routes = {
+            (r[0], r[1]) for r in db.execute("SELECT database, schema_name FROM routes")
+        }
+        if command.routes is None:
+            if stored_routes:
+                raise ConflictError(
+                    f"{len(stored_routes)} pooler route(s) are stored and this key rotation "
+                    "does not re-seal them; upgrade Outpost before rotating the key."
+                )
+        elif stored_routes != {(r.database, r.schema_name) for r in command.routes}:
+            raise ConflictError(
+                "The pooler routes changed while the key rotation was prepared; run it again."
+            )
         for item in command.items:
             db.execute(
                 "UPDATE connections SET options = ?, encrypted = ?, updated_at = ? WHERE slug = ?",
                 (_blob(item.options_b64), int(item.encrypted), command.at, item.slug),
+            )
+        for route_item in command.routes or []:
+            db.execute(
+                "UPDATE routes SET secret = ?, encrypted = ?"
+                " WHERE database = ? AND schema_name = ?",
+                (
+                    _blob(route_item.secret_b64),
+                    int(route_item.encrypted),
+                    route_item.database,
+                    route_item.schema_name,
+                ),
             )
         _set_meta(db, "key_id", command.key_id)
     elif isinstance(command, RestoreConnections):
@@ -266,10 +362,21 @@ def apply(db: sqlite3.Connection, command: Command) -> None:
             raise ConflictError(
                 "This data dir has already been started; a restore needs a new one."
             )
-        if db.execute("SELECT count(*) FROM connections").fetchone()[0]:
+        if (
+            db.execute("SELECT count(*) FROM connections").fetchone()[0]
+            or db.execute("SELECT count(*) FROM routes").fetchone()[0]
+        ):
             raise ConflictError(
                 "This data dir already holds connections; a restore needs a new one."
             )
+        slugs = {c.slug for c in command.connections}
+        for route in command.routes:
+            if route.to not in slugs:
+                raise ConflictError(
+                    f"The backup's pooler route {route_label(route.database, route.schema_name)} "
+                    f"leads to connection {route.to!r}, which the backup lacks; nothing was "
+                    "restored."
+                )
         for c in command.connections:
             db.execute(
                 "INSERT INTO connections (slug, name, driver, options, encrypted, created_at,"
@@ -284,8 +391,44 @@ def apply(db: sqlite3.Connection, command: Command) -> None:
                     c.updated_at,
                 ),
             )
+        for route in command.routes:
+            _insert_route(db, route)
         _set_meta(db, "key_id", command.key_id)
         _set_meta(db, "restored_at", repr(command.at))
+    elif isinstance(command, AddRoute):
+        route = command.route
+        label = route_label(route.database, route.schema_name)
+        target = db.execute("SELECT driver FROM connections WHERE slug = ?", (route.to,)).fetchone()
+        if target is None:
+            raise NotFoundError(
+                f"No connection with slug {route.to!r} for pooler route {label}; "
+                "`outpost connections list` shows the slugs."
+            )
+        if target[0] not in ROUTE_DRIVERS:
+            raise ConflictError(
+                f"Connection {route.to!r} is a {target[0]} connection; a pooler route must lead "
+                f"to a {' or '.join(ROUTE_DRIVERS)} connection."
+            )
+        if db.execute(
+            "SELECT 1 FROM routes WHERE database = ? AND schema_name = ?",
+            (route.database, route.schema_name),
+        ).fetchone():
+            raise ConflictError(
+                f"A pooler route for database {route.database!r} and schema "
+                f"{route.schema_name!r} already exists; remove it first to replace it."
+            )
+        _insert_route(db, route)
+        if route.encrypted and command.key_id:
+            _set_meta(db, "key_id", command.key_id)
+    elif isinstance(command, RemoveRoute):
+        if not db.execute(
+            "DELETE FROM routes WHERE database = ? AND schema_name = ?",
+            (command.database, command.schema_name),
+        ).rowcount:
+            raise NotFoundError(
+                f"No pooler route for database {command.database!r} and schema "
+                f"{command.schema_name!r}; `outpost pooler routes list` shows them."
+            )
     elif isinstance(command, MarkStarted):
         if _get_meta(db, "started_at") is None:
             _set_meta(db, "started_at", repr(command.at))
@@ -388,6 +531,13 @@ class Store:
     def connection(self, slug: str) -> StoredConnection:
         with self._mutex:
             return _row_to_connection(_require(self._db, slug))
+
+    def routes(self) -> list[StoredRoute]:
+        with self._mutex:
+            rows = self._db.execute(
+                "SELECT * FROM routes ORDER BY database, schema_name"
+            ).fetchall()
+        return [_row_to_route(r) for r in rows]
 
     def slugs(self) -> set[str]:
         with self._mutex:
