@@ -1,8 +1,11 @@
 """`outpost serve`: the agent process.
 
 Opens and locks the store, checks the key, restores a backup into a new data dir when asked,
-serves the local API, keeps every connection's UP current, and handles signals: SIGTERM and
-SIGINT drain and exit 0, SIGHUP reloads what can be reloaded.
+serves the local API, keeps every connection's UP current, runs the link to HQ (when the agent
+is logged in, or hq.url and hq.token are set) and the jobs HQ sends, and handles signals:
+SIGTERM and SIGINT drain and exit 0, SIGHUP reloads what can be reloaded (and reconnects to HQ
+when `outpost login` changed the association meanwhile). A token HQ rejects stops the agent
+with exit code 1.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from outpost.api.app import AgentState, create_app
 from outpost.api.service import AgentService
 from outpost.config import AgentConfig, LoadedConfig, load_config, split_host_port
 from outpost.errors import BackupError, ConfigError, OutpostError
+from outpost.jobs.executor import Executor
+from outpost.jobs.ledger import JobLedger
+from outpost.link.errors import TokenRejected
+from outpost.link.session import HQLink, check_config, link_wanted
 from outpost.logs import setup_logging
 
 log = logging.getLogger("outpost.agent")
@@ -100,6 +107,11 @@ class AgentRuntime:
         self.restore_path = restore_path
         self.stop_event = asyncio.Event()
         self.reload_requested = asyncio.Event()
+        self.exit_code = 0
+        self.link: HQLink | None = None
+        self.link_task: asyncio.Task[None] | None = None
+        self.executor: Executor | None = None
+        self.ledger: JobLedger | None = None
 
     # --- startup ------------------------------------------------------------------------
 
@@ -145,6 +157,14 @@ class AgentRuntime:
             log.warning("%s", warning)
         if self.restore_path:
             self._restore(service)
+        if link_wanted(service):
+            check_config(service)
+        elif cfg.hq.url is not None:
+            log.warning(
+                "hq.url is set but this agent has no HQ token; run `outpost login --hq %s "
+                "--token-file FILE` or set hq.token (OUTPOST_HQ_TOKEN) to connect",
+                cfg.hq.url,
+            )
         sockets = bind_sockets(cfg.api.client_bind_addresses)
         token = secrets.token_urlsafe(32)
         data_dir = service.store.data_dir
@@ -187,17 +207,47 @@ class AgentRuntime:
         )
         checker = asyncio.create_task(self._check_loop(state))
         reloader = asyncio.create_task(self._reload_loop(state))
+        if link_wanted(service):
+            self._start_link(service)
         await self.stop_event.wait()
         log.info("stopping: draining requests")
         state.draining = True
         checker.cancel()
         reloader.cancel()
+        await self._stop_link()
         server.should_exit = True
         await server_task
         with contextlib.suppress(asyncio.CancelledError):
             await checker
         log.info("stopped")
-        return 0
+        return self.exit_code
+
+    # --- the link to HQ ------------------------------------------------------------------------
+
+    def _start_link(self, service: AgentService) -> None:
+        self.ledger = JobLedger(service.store.data_dir)
+        self.executor = Executor(service, self.ledger, workers=self.loaded.config.query.workers)
+        self.executor.recover()
+        self.link = HQLink(service, self.executor)
+        self.link_task = asyncio.create_task(self._run_link(self.link), name="hq-link")
+
+    async def _run_link(self, link: HQLink) -> None:
+        try:
+            await link.run()
+        except TokenRejected as exc:
+            log.error("%s Stopping the agent.", exc.message)
+            self.exit_code = 1
+            self.stop_event.set()
+
+    async def _stop_link(self) -> None:
+        if self.link_task is not None:
+            self.link_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.link_task
+        if self.executor is not None:
+            await self.executor.close()
+        if self.ledger is not None:
+            self.ledger.close()
 
     # --- background loops --------------------------------------------------------------------
 
@@ -223,6 +273,14 @@ class AgentRuntime:
             await self.reload_requested.wait()
             self.reload_requested.clear()
             self.reload(state)
+            try:
+                if self.link is not None:
+                    await self.link.refresh()
+                elif link_wanted(state.service):
+                    check_config(state.service)
+                    self._start_link(state.service)
+            except OutpostError as exc:
+                log.error("cannot start the link to HQ: %s", exc.message)
 
     def reload(self, state: AgentState) -> None:
         """SIGHUP: re-read the config, apply what can change without a restart."""

@@ -41,6 +41,9 @@ from outpost.errors import (
     ReadOnlyError,
     UsageError,
 )
+from outpost.link.association import load_association, load_token, save_token
+from outpost.pooler.route_admin import check_routes_open, rekey_route_items
+from outpost.protocol import ConnectionMeta
 from outpost.state import backup as backup_format
 from outpost.state.codec import decode_options, encode_options
 from outpost.state.commands import (
@@ -468,6 +471,37 @@ class AgentService:
             notices=result.notices,
         )
 
+    def inspect(
+        self, slug: str, schemas: list[str] | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """The connection's schema as one JSON document (the same shape for every driver)."""
+        from outpost.schema.inspect import inspect_driver
+
+        stored = self.store.connection(slug)
+        driver, _, _, _ = self._build(stored)
+        try:
+            return inspect_driver(
+                driver, schemas=schemas, timeout=timeout or self.config.query.timeout
+            )
+        finally:
+            driver.close()
+
+    def connection_meta(self) -> list[ConnectionMeta]:
+        """What HQ may know of each connection: slug, name, driver, UP and when it was checked."""
+        metas = []
+        for stored in self.store.connections():
+            status = self.store.status(stored.slug)
+            metas.append(
+                ConnectionMeta(
+                    slug=stored.slug,
+                    name=stored.name,
+                    driver=stored.driver,
+                    up=status.up if status else None,
+                    checked_at=status.checked_at if status else None,
+                )
+            )
+        return metas
+
     def check_all(self) -> list[TestReport]:
         """Test every connection once (the periodic check keeping UP current)."""
         reports = []
@@ -497,24 +531,39 @@ class AgentService:
             options = decode_options(stored, old_key if stored.encrypted else None)
             blob, encrypted = encode_options(options, new_key)
             items.append(RekeyItem(slug=stored.slug, options_b64=b64(blob), encrypted=encrypted))
+        data_dir = self.store.data_dir
+        hq_token = load_token(data_dir, old_key) if load_association(data_dir) else None
         self.store.apply(
-            RekeyConnections(items=items, key_id=new_key.id if new_key else None, at=time.time())
+            RekeyConnections(
+                items=items,
+                key_id=new_key.id if new_key else None,
+                at=time.time(),
+                routes=rekey_route_items(self.store, old_key, new_key),
+            )
         )
+        if hq_token is not None:  # the HQ token from `outpost login` is sealed with the key too
+            save_token(data_dir, new_key, hq_token)
         self.key = new_key
         self.warnings = self._check_key()
         return len(items)
 
     def backup_bytes(self) -> bytes:
-        return backup_format.dump(self.store.connections(), self.key, self.store.key_id)
+        return backup_format.dump(
+            self.store.connections(), self.key, self.store.key_id, self.store.routes()
+        )
 
     def restore(self, data: bytes, source: str) -> int:
         """Restore a backup into this never-started, empty data dir (checked first)."""
         payload = backup_format.load(data, self.key, source=source)
         for stored in payload.connections:
             decode_options(stored, self.key)  # every record must open before we write
+        check_routes_open(payload.routes, self.key)
         self.store.apply(
             RestoreConnections(
-                connections=payload.connections, key_id=payload.key_id, at=time.time()
+                connections=payload.connections,
+                key_id=payload.key_id,
+                at=time.time(),
+                routes=payload.routes,
             )
         )
         self.warnings = self._check_key()

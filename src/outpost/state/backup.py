@@ -18,17 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from pydantic import TypeAdapter, ValidationError
 
 from outpost import __version__
 from outpost.crypto import Key, envelope_key_id, open_sealed, seal
 from outpost.errors import BackupError, KeyError_
-from outpost.state.commands import StoredConnection
+from outpost.state.commands import StoredConnection, StoredRoute
 
 MAGIC = b"OUTPOST-BACKUP 1\n"
 _connections_adapter = TypeAdapter(list[StoredConnection])
+_routes_adapter = TypeAdapter(list[StoredRoute])
 
 
 @dataclass
@@ -36,11 +38,29 @@ class BackupPayload:
     connections: list[StoredConnection]
     key_id: str | None
     created_at: float
+    routes: list[StoredRoute] = field(default_factory=list)
 
 
-def dump(connections: list[StoredConnection], key: Key | None, key_id: str | None) -> bytes:
-    """The bytes of a backup of CONNECTIONS, sealed with KEY when given."""
+def dump(
+    connections: list[StoredConnection],
+    key: Key | None,
+    key_id: str | None,
+    routes: Sequence[StoredRoute] = (),
+) -> bytes:
+    """The bytes of a backup of CONNECTIONS (and pooler ROUTES), sealed with KEY when given.
+
+    Without routes the payload is the JSON list of connections (what every version reads);
+    with routes it is ``{"connections": [...], "routes": [...]}``.
+    """
     payload = _connections_adapter.dump_json(connections)
+    if routes:
+        payload = (
+            b'{"connections":'
+            + payload
+            + b',"routes":'
+            + _routes_adapter.dump_json(list(routes))
+            + b"}"
+        )
     if key is not None:
         payload = seal(key, payload)
     header = {
@@ -50,6 +70,7 @@ def dump(connections: list[StoredConnection], key: Key | None, key_id: str | Non
         "encrypted": key is not None,
         "key_id": key.id if key is not None else key_id,
         "connections": len(connections),
+        "routes": len(routes),
         "payload_bytes": len(payload),
         "sha256": hashlib.sha256(payload).hexdigest(),
     }
@@ -100,10 +121,21 @@ def load(data: bytes, key: Key | None, *, source: str) -> BackupPayload:
             )
         payload = open_sealed(key, payload, what=f"backup {source}")
     try:
-        connections = _connections_adapter.validate_json(payload)
-    except ValidationError:
+        document = json.loads(payload)
+        if isinstance(document, dict):
+            connections = _connections_adapter.validate_python(document.get("connections"))
+            routes = _routes_adapter.validate_python(document.get("routes") or [])
+        else:
+            connections = _connections_adapter.validate_python(document)
+            routes = []
+    except (ValidationError, ValueError):
         raise BackupError(f"Backup {source} has corrupt contents; nothing was restored.") from None
+    if len(routes) != int(header.get("routes") or 0):
+        raise BackupError(f"Backup {source} is inconsistent (route count); not restored.")
     if len(connections) != count:
         raise BackupError(f"Backup {source} is inconsistent (connection count); not restored.")
-    key_id = header.get("key_id") if any(c.encrypted for c in connections) else None
-    return BackupPayload(connections=connections, key_id=key_id, created_at=created_at)
+    encrypted_any = any(c.encrypted for c in connections) or any(r.encrypted for r in routes)
+    key_id = header.get("key_id") if encrypted_any else None
+    return BackupPayload(
+        connections=connections, key_id=key_id, created_at=created_at, routes=routes
+    )
