@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -55,8 +56,8 @@ class HQ:
         return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
-    def verify(self) -> str | bool:
-        return self.ca_file or True
+    def verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
 
     @property
     def log_path(self) -> Path:
