@@ -218,8 +218,7 @@ def test_no_password_or_option_reaches_hq(
     agent.ok(
         "connections", "add", "mysql", "--name", "Secret shop",
         "--host", str(mysql_params["host"]), "--port", str(mysql_params["port"]),
-        "--user", maria_user.name, "--database", str(mysql_params["database"]),
-        "--password-env", "OUTPOST_TEST_DB_PASSWORD",
+        "--user", maria_user.name, "--password-env", "OUTPOST_TEST_DB_PASSWORD",
         env={"OUTPOST_TEST_DB_PASSWORD": password},
     )  # fmt: skip
     enrol(sqlite_hq, agent, "vault-room")
