@@ -8,6 +8,8 @@ DEMO=$ROOT/.outpost
 BIN=$ROOT/.venv/bin
 OUTPOST="$BIN/outpost --config $DEMO/agent.json"
 AGENT_NAME=demo-agent
+# tables as wide as a terminal would show them, even through make
+export COLUMNS=${COLUMNS:-160}
 
 stop_pid() { # stop_pid FILE WHAT
     if [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; then
@@ -137,7 +139,7 @@ Outpost HQ is running (pid $(cat "$DEMO/hq.pid"), log $DEMO/hq.log, data $DEMO/h
 
 Try:
   export PATH=$BIN:\$PATH OUTPOST_HQ_URL=$HQ_URL OUTPOST_HQ_ADMIN_TOKEN=$OUTPOST_HQ_ADMIN_TOKEN
-  outpost hq query $AGENT_NAME/sample-shop "SELECT name, price FROM products ORDER BY price DESC" --max-rows 5
+  outpost hq query $AGENT_NAME/sample-shop "SELECT name, price_cents FROM products ORDER BY price_cents DESC" --max-rows 5
   outpost hq inspect $AGENT_NAME/sample-shop
   outpost hq jobs list
   outpost --config $DEMO/agent.json connections list
