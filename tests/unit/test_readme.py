@@ -1,5 +1,6 @@
 """The README is kept honest by these tests: its driver tables are the drivers' own options,
-and every command it names exists."""
+every command it names exists, and its HQ tables name every option, setting and default of
+`outpost hq serve`, `outpost hq admin create`, `outpost login` and the `hq` config section."""
 
 from __future__ import annotations
 
@@ -64,3 +65,47 @@ def test_readme_commands_exist() -> None:
         while len(words) > 1 and " ".join(words) not in known:
             words.pop()
         assert len(words) > 1, f"README names a command that does not exist: {match.group(1)}"
+
+
+def _command(*path: str) -> click.Command:
+    command: click.Command = cli
+    for name in path:
+        assert isinstance(command, click.Group)
+        sub = command.get_command(click.Context(command), name)
+        assert sub is not None, f"no command {' '.join(path)}"
+        command = sub
+    return command
+
+
+@pytest.mark.parametrize("path", [("hq", "serve"), ("hq", "admin", "create"), ("login",)])
+def test_every_option_is_documented(path: tuple[str, ...]) -> None:
+    for param in _command(*path).params:
+        for flag in param.opts if isinstance(param, click.Option) else []:
+            if flag.startswith("--"):
+                assert f"`{flag}" in README, f"outpost {' '.join(path)} {flag} is not in the README"
+
+
+def test_hq_serve_table_shows_the_defaults() -> None:
+    section = README.split("### Running HQ\n", 1)[1].split("\n### ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `--")]
+    for param in _command("hq", "serve").params:
+        default = param.default
+        if not isinstance(param, click.Option) or not isinstance(default, str | int | float):
+            continue  # no default (click's UNSET), or a flag
+        if isinstance(default, bool):
+            continue
+        flag = param.opts[0]
+        row = next((r for r in rows if r.startswith(f"| `{flag}")), None)
+        assert row is not None, f"the README has no table row for outpost hq serve {flag}"
+        assert f"`{default}`" in row, f"README: {flag} should default to {default}"
+
+
+def test_every_hq_setting_is_documented() -> None:
+    from outpost.config import HQConfig
+
+    for key, info in HQConfig.model_fields.items():
+        row = next((r for r in README.splitlines() if r.startswith(f"| `hq.{key}` |")), None)
+        assert row is not None, f"hq.{key} has no row in the README's hq table"
+        if info.default not in (None, False):
+            default = info.default if not isinstance(info.default, float) else f"{info.default:g}"
+            assert f"`{default}`" in row, f"README: hq.{key} should default to {default}"

@@ -316,8 +316,8 @@ async def create_job(body: JobCreate, core: Core) -> Job:
     agent = await core.db.run(core.db.store.get_agent, body.agent)
     if agent.revoked:
         raise ConflictError(
-            f"Agent {agent.name!r} is revoked; re-issue its token with "
-            f"POST /api/v1/agents/{agent.name}/token first."
+            f"Agent {agent.name!r} is revoked; re-issue its token first "
+            f"(`outpost hq agents token {agent.name}`, or POST /api/v1/agents/{agent.name}/token)."
         )
     job_id = new_job_id()
     now = time.time()

@@ -269,8 +269,8 @@ class Store:
                 )
         except IntegrityError:
             raise ConflictError(
-                f"Agent {name!r} already exists; re-issue its token with "
-                f"POST /api/v1/agents/{name}/token."
+                f"Agent {name!r} already exists; re-issue its token "
+                f"(`outpost hq agents token {name}`, or POST /api/v1/agents/{name}/token)."
             ) from None
         return self.get_agent(name)
 
