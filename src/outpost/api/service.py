@@ -3,6 +3,10 @@
 ``AgentService`` owns the store (and so the data dir lock), the key, and the last known
 status of every connection. Every change goes through a command object applied by the store,
 so that a Raft cluster can later replicate the same commands.
+
+``test_connection``, ``query`` and ``inspect`` build a driver for the call; their ``on_driver``
+keyword is handed each driver before it runs anything, so that another thread can stop the
+operation with ``driver.cancel()`` (the job executor does, for HQ's cancel).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import re
 import threading
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +87,10 @@ def _reveal(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+#: Called with each driver an operation builds, before the driver runs anything.
+OnDriver = Callable[[Driver], None]
 
 
 def storable_options(options: DriverOptions) -> dict[str, Any]:
@@ -410,10 +418,16 @@ class AgentService:
         return info
 
     def test_connection(
-        self, slug: str, *, record: bool = True, timeout: float | None = None
+        self,
+        slug: str,
+        *,
+        record: bool = True,
+        timeout: float | None = None,
+        on_driver: OnDriver | None = None,
     ) -> TestReport:
         """Connect with the stored options; TIMEOUT (seconds) overrides the driver's own."""
         stored = self.store.connection(slug)
+        cancelled = False
         try:
             driver, provenance, source, ctx = self._build(stored)
         except CredentialError as exc:
@@ -421,14 +435,24 @@ class AgentService:
                 slug=slug, name=stored.name, up=False, duration_seconds=0.0, error=str(exc)
             )
         else:
+            if on_driver is not None:
+                on_driver(driver)
             report = self._run_test(driver, stored.name, slug, timeout, provenance)
-            if not report.up and provenance is not None and provenance.cached:
+            if (
+                not report.up
+                and provenance is not None
+                and provenance.cached
+                and not driver.cancel_requested
+            ):
                 # the database may have refused a value rotated at the source: fetch afresh
                 assert source is not None and ctx is not None
                 self.credentials.invalidate(source, ctx)
                 driver, provenance, _, _ = self._build(stored)
+                if on_driver is not None:
+                    on_driver(driver)
                 report = self._run_test(driver, stored.name, slug, timeout, provenance)
-        if record:
+            cancelled = driver.cancel_requested
+        if record and not cancelled:  # a cancelled test says nothing about the connection
             self._record(report)
         return report
 
@@ -441,6 +465,7 @@ class AgentService:
         max_rows: int | None = None,
         timeout: float | None = None,
         allow_writes: bool = False,
+        on_driver: OnDriver | None = None,
     ) -> QueryReport:
         if not sql.strip():
             raise UsageError("The SQL text is empty; give a statement to run.")
@@ -456,6 +481,8 @@ class AgentService:
         stored = self.store.connection(slug)
         driver, _, _, _ = self._build(stored)
         try:
+            if on_driver is not None:
+                on_driver(driver)
             result = driver.query(
                 sql, params, max_rows=max_rows, timeout=timeout, allow_writes=allow_writes
             )
@@ -472,7 +499,12 @@ class AgentService:
         )
 
     def inspect(
-        self, slug: str, schemas: list[str] | None = None, timeout: float | None = None
+        self,
+        slug: str,
+        schemas: list[str] | None = None,
+        timeout: float | None = None,
+        *,
+        on_driver: OnDriver | None = None,
     ) -> dict[str, Any]:
         """The connection's schema as one JSON document (the same shape for every driver)."""
         from outpost.schema.inspect import inspect_driver
@@ -480,6 +512,8 @@ class AgentService:
         stored = self.store.connection(slug)
         driver, _, _, _ = self._build(stored)
         try:
+            if on_driver is not None:
+                on_driver(driver)
             return inspect_driver(
                 driver, schemas=schemas, timeout=timeout or self.config.query.timeout
             )

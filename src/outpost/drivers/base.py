@@ -5,6 +5,12 @@ blocking operations: ``test`` (connect, report the server version), ``query`` (r
 statement timeout, read-only transaction unless writes are allowed) and ``server_version``.
 Async callers run them in a bounded thread pool. Every error a driver raises is a
 ``DriverError`` whose message names the connection and never contains a secret option value.
+
+``cancel()`` may be called from any other thread while an operation runs: it stops the
+statement on the server (how depends on the database) and makes the operation raise
+:class:`QueryCancelled`. Cancelling is sticky: a cancelled driver starts no further statement,
+so build a new driver for the next operation. A driver that cannot cancel keeps the default,
+which does nothing and returns False; its statements end at their statement timeout.
 """
 
 from __future__ import annotations
@@ -12,10 +18,14 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
+import itertools
+import logging
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +36,15 @@ from outpost.errors import DriverError, OutpostError, UsageError
 
 #: Called as progress(done_bytes, total_bytes_or_None) during a download.
 Progress = Callable[[int, int | None], None]
+
+#: Stops what one connection runs now; called by ``Driver.cancel`` from another thread.
+Canceller = Callable[[], object]
+
+log = logging.getLogger("outpost.drivers")
+
+
+class QueryCancelled(DriverError):
+    """The operation was stopped by ``Driver.cancel()`` (a user or HQ asked for it)."""
 
 
 class DriverOptions(BaseModel):
@@ -134,6 +153,10 @@ class Driver(ABC):
             options = self.options_model.model_validate(options.model_dump())
         self.options = options
         self.context = context or DriverContext()
+        self._cancel_lock = threading.Lock()
+        self._cancel_requested = False
+        self._cancellers: dict[int, Canceller] = {}
+        self._canceller_ids = itertools.count()
 
     @classmethod
     def parse_options(cls, raw: dict[str, Any], *, connection: str = "") -> DriverOptions:
@@ -184,11 +207,79 @@ class Driver(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release anything the driver keeps open (nothing by default)."""
 
+    # --- cancelling (thread-safe) --------------------------------------------------------
+
+    def cancel(self) -> bool:
+        """Stop the statement(s) this driver runs now; callable from any thread.
+
+        True when a cancel request was sent for at least one open connection; False when
+        nothing was running or the driver cannot cancel (the default). Either way the
+        driver starts no further statement: what runs next raises QueryCancelled.
+        """
+        with self._cancel_lock:
+            self._cancel_requested = True
+            cancellers = list(self._cancellers.values())
+        sent = False
+        for canceller in cancellers:
+            try:
+                canceller()
+            except Exception as exc:  # a closed connection, an unreachable server...
+                log.debug(
+                    "cancel on connection %r did not go through: %s",
+                    self.context.connection,
+                    self.scrub(str(exc)) or type(exc).__name__,
+                )
+            else:
+                sent = True
+        return sent
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether ``cancel()`` was called."""
+        return self._cancel_requested
+
+    def cancelled_error(self) -> QueryCancelled:
+        return QueryCancelled(
+            self.scrub(
+                f"The operation on connection {self.context.connection!r} was cancelled "
+                "before it finished."
+            )
+        )
+
+    def check_cancelled(self) -> None:
+        """Raise QueryCancelled once ``cancel()`` was called."""
+        if self._cancel_requested:
+            raise self.cancelled_error()
+
+    def watch(self, canceller: Canceller) -> int:
+        """Have ``cancel()`` call CANCELLER (until ``unwatch``); raise QueryCancelled when
+        ``cancel()`` came first. Returns the id to unwatch with."""
+        with self._cancel_lock:
+            if self._cancel_requested:
+                raise self.cancelled_error()
+            key = next(self._canceller_ids)
+            self._cancellers[key] = canceller
+        return key
+
+    def unwatch(self, key: int) -> None:
+        with self._cancel_lock:
+            self._cancellers.pop(key, None)
+
+    @contextmanager
+    def cancellable(self, canceller: Canceller) -> Iterator[None]:
+        """Within the block, ``cancel()`` calls CANCELLER (see ``watch``)."""
+        key = self.watch(canceller)
+        try:
+            yield
+        finally:
+            self.unwatch(key)
+
     def dbapi_connect(self, timeout: float | None = None) -> Any:
         """A new DB-API connection for schema inspection (``sqlalchemy_dialect``'s DBAPI).
 
         It reads only where the database allows saying so, and TIMEOUT (seconds; None or <= 0
-        for none) limits each statement where the driver can. The caller closes it.
+        for none) limits each statement where the driver can. The caller closes it; until
+        then ``cancel()`` stops its statements where the driver can cancel.
         """
         raise DriverError(
             self.scrub(

@@ -17,6 +17,9 @@ a copy younger than 60 s). The file is loaded into an in-memory SQLite database:
 A CSV connection is always read-only: its data comes from a file the agent only reads, so a
 write is refused with a ReadOnlyError even when writes are allowed. The loaded database is
 kept by the driver and reloaded when the file changes.
+
+``cancel()`` (from another thread) interrupts the running statement, as for SQLite; loading
+the file is not cut short.
 """
 
 from __future__ import annotations
@@ -457,16 +460,18 @@ class CSVDriver(Driver):
                 f"other queries on the file kept it busy for the whole timeout of {timeout:g} s",
             )
         try:
-            result = run_statement(
-                self,
-                loaded.conn,
-                loaded.guard,
-                sql,
-                params,
-                max_rows=max_rows,
-                timeout=timeout,
-                read_only_message=self._read_only_message(allow_writes=allow_writes),
-            )
+            loaded.guard.cancelled = lambda: self.cancel_requested
+            with self.cancellable(loaded.conn.interrupt):
+                result = run_statement(
+                    self,
+                    loaded.conn,
+                    loaded.guard,
+                    sql,
+                    params,
+                    max_rows=max_rows,
+                    timeout=timeout,
+                    read_only_message=self._read_only_message(allow_writes=allow_writes),
+                )
         finally:
             loaded.lock.release()
         result.duration_seconds = elapsed()
@@ -503,13 +508,17 @@ class CSVDriver(Driver):
             loaded.lock.release()
         conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         try:
+            self.watch(conn.interrupt)  # for as long as the connection is open
             for statement in ddl:
                 conn.execute(statement)
             conn.execute("PRAGMA query_only=ON")
         except sqlite3.Error as exc:
             conn.close()
             raise self.error("Cannot copy the loaded CSV file's schema", exc) from None
-        guard = StatementGuard(read_only=True)
+        except BaseException:
+            conn.close()
+            raise
+        guard = StatementGuard(read_only=True, cancelled=lambda: self.cancel_requested)
         guard.install(conn)
         if limit is not None:
             guard.arm(limit)

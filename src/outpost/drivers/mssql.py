@@ -32,6 +32,13 @@ all of them. The TDS version is pinned to 7.4 (SQL Server 2012 and later; older 
 answer with their own version): FreeTDS's "auto" would retry a silent server with further
 versions and so take several times the login timeout.
 
+Cancel: this driver keeps ``Driver.cancel()``'s default (nothing is sent; its statements end
+at the query timeout). pymssql's own ``cancel()`` is db-lib's ``dbcancel``, which sends the
+attention packet *and then reads the server's acknowledgement from the connection's socket*,
+while the thread running the query reads from that same socket: called from another thread it
+races with that read. A ``KILL <spid>`` from a second connection would be safe, but needs
+``ALTER ANY CONNECTION``, which a read-only login rarely has, and an extra round trip per query.
+
 TLS (``ssl``), as FreeTDS expresses it with pymssql's ``encryption`` argument:
 
 * ``disable`` -> ``encryption="off"``: no encryption (SQL Server still encrypts the login

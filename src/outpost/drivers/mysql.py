@@ -32,6 +32,12 @@ Statement timeout: MariaDB's ``max_statement_time`` (seconds, every statement) o
 server version. As a backstop, the socket read timeout is set a little above the statement
 timeout; when it fires, the statement is killed (``KILL QUERY``) from a second connection.
 
+``cancel()`` (from another thread) kills the running statement the same way: a second, short
+connection runs ``KILL QUERY <thread id>`` for every open connection of the driver; the
+statement ends with error 1317 and the operation raises QueryCancelled. Killing another
+user's statement needs the ``PROCESS``/``CONNECTION ADMIN`` privilege (MariaDB: ``CONNECTION
+ADMIN`` or ``SUPER``); a user may always kill its own, which is the case here.
+
 Rows: an unbuffered cursor (``SSCursor``) reads at most ``max_rows + 1`` rows, and
 ``sql_select_limit`` tells the server not to produce more than that for a top-level
 ``SELECT``. A read-only connection whose result was cut short is closed without reading the
@@ -47,7 +53,7 @@ from __future__ import annotations
 import contextlib
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import pymysql
@@ -326,25 +332,41 @@ class MySQLDriver(Driver):
         conn._read_timeout = value  # type: ignore[attr-defined]
         conn._write_timeout = value  # type: ignore[attr-defined]
 
+    def _kill(self, thread_id: int) -> None:
+        """Stop the statement running on THREAD_ID, from a second connection."""
+        conn = self._connect(min(float(self.options.timeout), 10.0))
+        try:
+            with conn.cursor() as cur:
+                cur.execute("KILL QUERY %s", (thread_id,))
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+
     def _kill_query(self, thread_id: int) -> None:
         """Best effort: stop the statement running on THREAD_ID (after a lost connection)."""
         with contextlib.suppress(DriverError, pymysql.MySQLError, OSError):
-            conn = self._connect(min(float(self.options.timeout), 10.0))
-            try:
-                with conn.cursor() as cur:
-                    cur.execute("KILL QUERY %s", (thread_id,))
-            finally:
-                with contextlib.suppress(Exception):
-                    conn.close()
+            self._kill(thread_id)
+
+    def canceller(self, conn: pymysql.connections.Connection[Any]) -> Callable[[], None]:
+        """What stops CONN's running statement (nothing once CONN is closed)."""
+        thread_id = _thread_id(conn)
+
+        def cancel() -> None:
+            if not conn.open:
+                raise pymysql.err.InterfaceError("the connection is closed")
+            self._kill(thread_id)
+
+        return cancel
 
     # --- the driver API -------------------------------------------------------------------
 
     def test(self, timeout: float | None = None) -> TestResult:
         elapsed = self.timer()
         connect_timeout = float(timeout) if timeout else float(self.options.timeout)
+        self.check_cancelled()
         conn = self._connect(connect_timeout)
         try:
-            with conn.cursor() as cur:
+            with self.cancellable(self.canceller(conn)), conn.cursor() as cur:
                 cur.execute("SELECT VERSION()")
                 row = cur.fetchone()
         except pymysql.MySQLError as exc:
@@ -376,10 +398,13 @@ class MySQLDriver(Driver):
                 )
         max_rows = max(0, int(max_rows))
         elapsed = self.timer()
+        self.check_cancelled()
         conn = self._connect(float(self.options.timeout))
         thread_id = _thread_id(conn)
         cur: pymysql.cursors.SSCursor | None = None
+        watched: int | None = None
         try:
+            watched = self.watch(self.canceller(conn))
             self._prepare_session(
                 conn, timeout=timeout, max_rows=max_rows, allow_writes=allow_writes
             )
@@ -401,6 +426,9 @@ class MySQLDriver(Driver):
                 result = QueryResult(
                     columns=columns, rows=rows, row_count=len(rows), truncated=truncated
                 )
+            # KILL QUERY ends a lone SLEEP() without an error: still report the cancel (and
+            # never commit after one)
+            self.check_cancelled()
             if allow_writes:
                 cur.close()  # reads (and drops) what is left, so that COMMIT can be sent
                 conn.commit()
@@ -417,6 +445,8 @@ class MySQLDriver(Driver):
                 "parameters a literal % is written %%)",
             ) from None
         finally:
+            if watched is not None:
+                self.unwatch(watched)
             self._abandon(conn, cur)
         result.duration_seconds = elapsed()
         return result
@@ -429,8 +459,10 @@ class MySQLDriver(Driver):
         connect_timeout = float(self.options.timeout)
         if limit is not None:
             connect_timeout = min(connect_timeout, limit)
+        self.check_cancelled()
         conn = self._connect(connect_timeout)
         try:
+            self.watch(self.canceller(conn))  # for as long as the connection is open
             is_mariadb, version = _mysql_version(_server_info(conn))
             with conn.cursor() as cur:
                 if limit is not None and is_mariadb:
@@ -446,6 +478,9 @@ class MySQLDriver(Driver):
         except pymysql.MySQLError as exc:
             self._abandon(conn, None)
             raise self.error("Cannot prepare the session", _errmsg(exc)) from None
+        except BaseException:
+            self._abandon(conn, None)
+            raise
         self._set_socket_timeouts(conn, None if limit is None else limit + max(2.0, limit / 10))
         return conn
 
@@ -519,6 +554,8 @@ class MySQLDriver(Driver):
         code = _errno(exc)
         message = _errmsg(exc).rstrip(".")
         name = self.context.connection
+        if self.cancel_requested and code in (ER_QUERY_INTERRUPTED, *_LOST_ERRORS):
+            return self.cancelled_error()
         if code == ER_READ_ONLY_TRANSACTION:
             return ReadOnlyError(
                 self.scrub(

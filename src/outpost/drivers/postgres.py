@@ -17,6 +17,11 @@ Every call opens its own connection (keyword arguments, never a DSN holding the 
 * writes allowed: the statement runs normally (several statements may be sent; the last result
   is reported) and its result is buffered by the client, because stopping a write's result
   early would cancel the write. ``row_count`` is then the rows affected.
+
+``cancel()`` (from another thread) sends a protocol-level cancel request for every open
+connection of the driver (psycopg's ``cancel_safe``, over the connection's own TLS settings
+with libpq 17+), as ``pg_cancel_backend`` would; the statement ends with ``57014`` and the
+operation raises QueryCancelled.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import math
 import os
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal, cast
 
 import psycopg
@@ -51,6 +56,9 @@ LIBPQ_SSLMODE: dict[str, str] = {
 
 #: Rows per network chunk when streaming a read-only result (bounded by max_rows + 1).
 STREAM_CHUNK_ROWS = 1000
+
+#: Seconds a cancel request may take to reach the server.
+CANCEL_TIMEOUT = 5.0
 
 _SSL_HELP = (
     "The SSL mode for connecting to the database: disable (no encryption), require "
@@ -266,13 +274,25 @@ class PostgresDriver(Driver):
             reason = _clean_libpq_message(text) or type(exc).__name__
         return self.error(f"Cannot connect to {self.display_name} at {self.address}", reason)
 
+    @staticmethod
+    def canceller(conn: psycopg.Connection[TupleRow]) -> Callable[[], None]:
+        """What stops CONN's running statement (nothing once CONN is closed)."""
+
+        def cancel() -> None:
+            if conn.closed:
+                raise psycopg.OperationalError("the connection is closed")
+            conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+
+        return cancel
+
     # --- the driver operations ------------------------------------------------------------
 
     def test(self, timeout: float | None = None) -> TestResult:
         elapsed = self.timer()
+        self.check_cancelled()
         conn = self.connect(timeout, autocommit=True)
         try:
-            with conn.cursor() as cur:
+            with self.cancellable(self.canceller(conn)), conn.cursor() as cur:
                 cur.execute(self.version_sql)
                 row = cur.fetchone()
         except psycopg.Error as exc:
@@ -296,13 +316,14 @@ class PostgresDriver(Driver):
         max_rows = max(0, max_rows)
         args = list(params) if params else None
         notices: list[str] = []
+        self.check_cancelled()
         conn = self.connect()
         conn.add_notice_handler(
             lambda diag: notices.append(f"{diag.severity}: {diag.message_primary}")
         )
         try:
             conn.read_only = not allow_writes  # psycopg begins with BEGIN READ ONLY
-            with conn.cursor() as cur:
+            with self.cancellable(self.canceller(conn)), conn.cursor() as cur:
                 cur.execute(self._statement_timeout_sql(timeout))
                 if allow_writes:
                     columns, rows, row_count, truncated = self._run_buffered(
@@ -331,8 +352,10 @@ class PostgresDriver(Driver):
         session's ``statement_timeout`` is TIMEOUT (none when None or <= 0) and its
         ``search_path`` is ``pg_catalog`` only, so that the catalog names every other schema
         (foreign keys, defaults, view definitions, types) whatever the role's search_path."""
+        self.check_cancelled()
         conn = self.connect(timeout, autocommit=True)
         try:
+            self.watch(self.canceller(conn))  # for as long as the connection is open
             millis = max(1, round(timeout * 1000)) if timeout and timeout > 0 else 0
             with conn.cursor() as cur:
                 cur.execute("SET search_path = pg_catalog")
@@ -342,6 +365,9 @@ class PostgresDriver(Driver):
         except psycopg.Error as exc:
             conn.close()
             raise self._query_error(exc, timeout) from exc
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     # --- query internals ----------------------------------------------------------------
@@ -436,6 +462,8 @@ class PostgresDriver(Driver):
                     "allowed."
                 )
             )
+        if exc.sqlstate == "57014" and self.cancel_requested:
+            return self.cancelled_error()
         if exc.sqlstate == "57014":
             limit = f" of {_seconds(timeout)} s" if timeout and timeout > 0 else ""
             return DriverError(

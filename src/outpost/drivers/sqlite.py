@@ -12,6 +12,11 @@ download, so a write to it is refused with a ReadOnlyError even when writes are 
 ``ATTACH`` (and ``VACUUM INTO``, which attaches) are always refused: they would reach other
 files on the agent's host, such as its own state store. The statement timeout is enforced with
 a progress handler that interrupts the statement.
+
+``cancel()`` (from another thread) interrupts the running statement
+(``sqlite3.Connection.interrupt()``), and the progress handler also stops any statement of a
+cancelled driver; the operation raises QueryCancelled. A download in progress is not cut
+short by a cancel.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -134,11 +139,13 @@ class StatementGuard:
     Refuses ATTACH/DETACH (and so VACUUM INTO), changes to ``query_only`` and, when READ_ONLY,
     every statement that would change the database (so a write is reported as such even where
     SQLite would first complain about something else, such as writing to a view); interrupts a
-    statement once its deadline passes. Records why, so errors can say it.
+    statement once its deadline passes, or once CANCELLED says so. Records why, so errors can
+    say it.
     """
 
-    def __init__(self, *, read_only: bool) -> None:
+    def __init__(self, *, read_only: bool, cancelled: Callable[[], bool] | None = None) -> None:
         self.read_only = read_only
+        self.cancelled = cancelled
         self.deadline: float | None = None
         self.timed_out = False
         self.denied: str | None = None
@@ -181,6 +188,8 @@ class StatementGuard:
         return sqlite3.SQLITE_OK
 
     def _progress(self) -> int:
+        if self.cancelled is not None and self.cancelled():
+            return 1
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.timed_out = True
             return 1
@@ -203,6 +212,7 @@ def run_statement(
     A write refused by SQLite's read-only checks raises ReadOnlyError(READ_ONLY_MESSAGE).
     """
     elapsed = driver.timer()
+    driver.check_cancelled()
     guard.arm(timeout)
     cursor = conn.cursor()
     try:
@@ -222,6 +232,8 @@ def run_statement(
             duration_seconds=elapsed(),
         )
     except (sqlite3.Error, sqlite3.Warning) as exc:
+        if driver.cancel_requested:
+            raise driver.cancelled_error() from None
         if guard.timed_out:
             raise driver.error(
                 "Query timed out",
@@ -271,16 +283,17 @@ class SQLiteDriver(Driver):
         path = self._fetch(timeout=limit, max_age=0.0)
         conn, guard = self._open(path, writable=False, timeout=limit)
         try:
-            run_statement(
-                self,
-                conn,
-                guard,
-                "SELECT count(*) FROM sqlite_master",
-                None,
-                max_rows=1,
-                timeout=limit,
-                read_only_message=self._read_only_message(),
-            )
+            with self.cancellable(conn.interrupt):
+                run_statement(
+                    self,
+                    conn,
+                    guard,
+                    "SELECT count(*) FROM sqlite_master",
+                    None,
+                    max_rows=1,
+                    timeout=limit,
+                    read_only_message=self._read_only_message(),
+                )
         finally:
             conn.close()
         return TestResult(
@@ -301,16 +314,17 @@ class SQLiteDriver(Driver):
         writable = allow_writes and not is_remote(self.options.source_url)
         conn, guard = self._open(path, writable=writable, timeout=timeout)
         try:
-            result = run_statement(
-                self,
-                conn,
-                guard,
-                sql,
-                params,
-                max_rows=max_rows,
-                timeout=timeout,
-                read_only_message=self._read_only_message(allow_writes=allow_writes),
-            )
+            with self.cancellable(conn.interrupt):
+                result = run_statement(
+                    self,
+                    conn,
+                    guard,
+                    sql,
+                    params,
+                    max_rows=max_rows,
+                    timeout=timeout,
+                    read_only_message=self._read_only_message(allow_writes=allow_writes),
+                )
         finally:
             conn.close()
         result.duration_seconds = elapsed()
@@ -324,6 +338,11 @@ class SQLiteDriver(Driver):
         wait = DEFAULT_TEST_TIMEOUT if limit is None else limit
         path = self._fetch(timeout=wait, max_age=QUERY_MAX_AGE_SECONDS)
         conn, guard = self._open(path, writable=False, timeout=wait)
+        try:
+            self.watch(conn.interrupt)  # for as long as the connection is open
+        except BaseException:
+            conn.close()
+            raise
         if limit is not None:
             guard.arm(limit)
         return conn
@@ -369,7 +388,7 @@ class SQLiteDriver(Driver):
         except sqlite3.Error as exc:
             conn.close()
             raise self.error("Cannot open the SQLite database", exc) from None
-        guard = StatementGuard(read_only=not writable)
+        guard = StatementGuard(read_only=not writable, cancelled=lambda: self.cancel_requested)
         guard.install(conn)
         return conn, guard
 

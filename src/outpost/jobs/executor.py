@@ -2,10 +2,22 @@
 operations (``AgentService``), at most once per job id.
 
 Blocking driver calls run in a bounded thread pool (``query.workers``). Each job has a time
-limit (the job's ``timeout``, also handed to the driver as the statement timeout); ``CancelJob``
-cancels a running job (best effort: the driver call runs to its statement timeout, its result is
-discarded and the job ends ``cancelled``). The job memory (``JobLedger``) survives restarts: a
-job delivered again is answered from it and never run twice.
+limit (the job's ``timeout``, also handed to the driver as the statement timeout). The job
+memory (``JobLedger``) survives restarts: a job delivered again is answered from it and never
+run twice.
+
+Stopping a running job. The service hands the executor every driver a job builds
+(``on_driver``), collected in a :class:`JobDrivers`. When a job is stopped before its driver
+call returns (``CancelJob`` from HQ, the job's timeout, or the agent stopping), the job ends at
+once (``cancelled``, ``failed`` with the timeout, or ``failed`` as interrupted), and the
+executor calls ``driver.cancel()`` from another thread: the statement is stopped on the
+database server (PostgreSQL/Redshift: a protocol cancel request; MySQL/MariaDB: ``KILL
+QUERY``; SQLite/CSV: an interrupt), so the pool thread is free again within moments. The cancel
+is repeated every CANCEL_RETRY_SECONDS, at most CANCEL_ATTEMPTS times, while the call still
+runs (it may have been between two statements); a driver that cannot cancel (SQL Server, or a
+third-party driver keeping the default) runs on to its statement timeout, and its result is
+discarded. On stop, ``close`` waits at most CLOSE_GRACE_SECONDS for the cancelled calls to end,
+so that SIGTERM is quick.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,6 +48,7 @@ from outpost.protocol import (
 
 if TYPE_CHECKING:
     from outpost.api.service import AgentService
+    from outpost.drivers.base import Driver
 
 log = logging.getLogger("outpost.jobs")
 
@@ -42,6 +56,41 @@ Send = Callable[[AgentMessage], Awaitable[None]]
 FinalState = Literal["succeeded", "failed", "cancelled"]
 
 INTERRUPTED = "the agent stopped while the job ran; it is not run again"
+
+#: Seconds between two cancel requests to a stopped job's driver while its call still runs.
+CANCEL_RETRY_SECONDS = 1.0
+#: Cancel requests sent to a stopped job's driver before leaving it to its statement timeout.
+CANCEL_ATTEMPTS = 10
+#: Seconds ``Executor.close`` waits for the driver calls of stopped jobs to end.
+CLOSE_GRACE_SECONDS = 5.0
+
+
+class JobDrivers:
+    """The drivers one job's operation builds, so that another thread can stop them.
+
+    Thread-safe: ``attach`` runs in the job's pool thread, ``cancel`` in another one. A driver
+    attached after ``cancel`` is cancelled at once, so it starts no statement.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._drivers: list[Driver] = []
+        self._cancelled = False
+
+    def attach(self, driver: Driver) -> None:
+        with self._lock:
+            self._drivers.append(driver)
+            cancelled = self._cancelled
+        if cancelled:
+            driver.cancel()
+
+    def cancel(self) -> bool:
+        """Cancel every attached driver; True when a cancel request reached a database."""
+        with self._lock:
+            self._cancelled = True
+            drivers = list(self._drivers)
+        sent = [driver.cancel() for driver in drivers]
+        return any(sent)
 
 
 @dataclass
@@ -52,6 +101,12 @@ class Outcome:
     result: dict[str, Any] | None = None
     rows: list[list[Any]] = field(default_factory=list)
     error: str | None = None
+
+
+def _consume(future: asyncio.Future[Outcome]) -> None:
+    """Retrieve the late result of a stopped job's call (nobody else will)."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def discard(message: AgentMessage) -> None:
@@ -94,6 +149,7 @@ class Executor:
         )
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancels: dict[str, asyncio.Event] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
         self._admit = asyncio.Lock()
         self._closing = False
 
@@ -110,7 +166,8 @@ class Executor:
         self.ledger.purge()
 
     async def close(self) -> None:
-        """Stop: running jobs end ``failed`` (stored for HQ), the pool is let go."""
+        """Stop: running jobs end ``failed`` (stored for HQ), their statements are cancelled
+        on the database (waiting at most CLOSE_GRACE_SECONDS), the pool is let go."""
         self._closing = True
         tasks = list(self._tasks.values())
         for task in tasks:
@@ -118,6 +175,8 @@ class Executor:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._stopping:
+            await asyncio.wait(set(self._stopping), timeout=CLOSE_GRACE_SECONDS)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def pending(self) -> list[str]:
@@ -222,9 +281,10 @@ class Executor:
     # --- running -------------------------------------------------------------------------------
 
     async def _run(self, body: JobBody, cancel: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
         clock = time.perf_counter()
-        future: asyncio.Future[Outcome] = loop.run_in_executor(self._pool, self.execute, body)
+        drivers = JobDrivers()
+        call = self._pool.submit(self.execute, body, drivers)
+        future: asyncio.Future[Outcome] = asyncio.wrap_future(call)
         waiter: asyncio.Future[Any] = asyncio.ensure_future(cancel.wait())
         done: set[asyncio.Future[Any]] = set()
         try:
@@ -242,8 +302,8 @@ class Executor:
                 outcome = Outcome("failed", error=f"the job timed out after {body.timeout:g}s")
         finally:
             waiter.cancel()
-            if future not in done:
-                future.cancel()  # a running driver call ends at its statement timeout
+            if future not in done and not call.cancel():  # the call has started: stop it
+                self._stop(body.job_id, drivers, future)
         messages = final_messages(body.job_id, outcome, time.perf_counter() - clock)
         try:
             await asyncio.shield(
@@ -259,6 +319,48 @@ class Executor:
             for message in messages:
                 await self.send(message)
 
+    def _stop(self, job_id: str, drivers: JobDrivers, future: asyncio.Future[Outcome]) -> None:
+        task = asyncio.create_task(
+            self._cancel_call(job_id, drivers, future), name=f"stop-{job_id}"
+        )
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _cancel_call(
+        self, job_id: str, drivers: JobDrivers, future: asyncio.Future[Outcome]
+    ) -> None:
+        """Cancel the job's statements until its driver call returns (see the docstring)."""
+        try:
+            for attempt in range(CANCEL_ATTEMPTS):
+                if future.done():
+                    return
+                try:
+                    sent = await asyncio.to_thread(drivers.cancel)
+                except Exception as exc:
+                    log.warning("job %s: cancelling its statement failed", job_id, exc_info=exc)
+                    sent = False
+                if attempt == 0:
+                    log.info(
+                        "job %s: %s",
+                        job_id,
+                        "cancel sent to the database"
+                        if sent
+                        else "nothing to cancel on the database yet (or the driver cannot)",
+                    )
+                await asyncio.wait({future}, timeout=CANCEL_RETRY_SECONDS)
+            if not future.done():
+                log.warning(
+                    "job %s: its driver call still runs after %d cancel requests; it ends at "
+                    "its statement timeout",
+                    job_id,
+                    CANCEL_ATTEMPTS,
+                )
+        finally:
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: the job has already ended without it
+            else:
+                future.add_done_callback(_consume)
+
     def _outcome(self, body: JobBody, future: asyncio.Future[Outcome]) -> Outcome:
         try:
             return future.result()
@@ -268,12 +370,13 @@ class Executor:
             log.error("job %s failed unexpectedly", body.job_id, exc_info=exc)
             return Outcome("failed", error=f"unexpected {type(exc).__name__} on the agent")
 
-    def execute(self, body: JobBody) -> Outcome:
-        """Run one job (blocking, in a pool thread)."""
+    def execute(self, body: JobBody, drivers: JobDrivers | None = None) -> Outcome:
+        """Run one job (blocking, in a pool thread); its drivers are attached to DRIVERS."""
         params = body.params
         svc = self.service
+        on_driver = drivers.attach if drivers is not None else None
         if body.kind == "test":
-            report = svc.test_connection(body.connection, timeout=body.timeout)
+            report = svc.test_connection(body.connection, timeout=body.timeout, on_driver=on_driver)
             result: dict[str, Any] = {
                 "up": report.up,
                 "server_version": report.server_version,
@@ -291,6 +394,7 @@ class Executor:
                 max_rows=params.get("max_rows") or None,
                 timeout=body.timeout,
                 allow_writes=bool(params.get("allow_writes")),
+                on_driver=on_driver,
             )
             result = {
                 "columns": query.columns,
@@ -300,5 +404,10 @@ class Executor:
                 "notices": query.notices,
             }
             return Outcome("succeeded", result, rows=query.rows)
-        document = svc.inspect(body.connection, schemas=params.get("schemas"), timeout=body.timeout)
+        document = svc.inspect(
+            body.connection,
+            schemas=params.get("schemas"),
+            timeout=body.timeout,
+            on_driver=on_driver,
+        )
         return Outcome("succeeded", document)
