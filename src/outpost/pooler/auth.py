@@ -1,0 +1,267 @@
+"""Passwords on both sides of the pooler.
+
+Clients log in to the pooler with SCRAM-SHA-256 (default), md5, or a cleartext password, checked
+against the route's ``ClientSecret``; the pooler logs in to PostgreSQL as a client with whatever
+the server asks for (SCRAM-SHA-256, md5, cleartext, or nothing for trust).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+from typing import Literal
+
+from scramp import (  # type: ignore[import-untyped, unused-ignore]
+    ScramClient,
+    ScramException,
+    ScramMechanism,
+)
+
+from outpost.pooler import protocol as p
+from outpost.pooler.passwords import (
+    PasswordFormatError,
+    parse_scram_verifier,
+    verify_scrypt_async,
+)
+from outpost.pooler.routes import ClientSecret
+
+ClientAuth = Literal["scram-sha-256", "md5", "plain"]
+Method = Literal["scram-sha-256", "md5", "password"]
+
+_SCRAM = ScramMechanism("SCRAM-SHA-256")
+#: Large enough for any real password or SASL message, small enough to stop abuse.
+MAX_AUTH_MESSAGE = 8192
+
+
+class AuthFailed(Exception):
+    """The client's password did not match (or could not be checked); shown as 28P01."""
+
+    def __init__(self, user: str, reason: str | None = None) -> None:
+        super().__init__(reason or f'password authentication failed for user "{user}"')
+        self.sqlstate = p.INVALID_PASSWORD
+
+
+class AuthRefused(Exception):
+    """The login cannot proceed (e.g. cleartext without TLS); a clear sentence, 28000."""
+
+    sqlstate = p.INVALID_AUTHORIZATION
+
+
+class ServerLoginError(Exception):
+    """The PostgreSQL server refused the pooler's login; carries the server's SQLSTATE."""
+
+    def __init__(self, message: str, sqlstate: str = p.CANNOT_CONNECT) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+def choose_method(configured: ClientAuth, secret: ClientSecret) -> Method:
+    """The method a client is asked for: the configured one when the secret allows it."""
+    if configured == "plain":
+        return "password"
+    if configured == "md5" and secret.md5:
+        return "md5"
+    if secret.scram:
+        return "scram-sha-256"
+    if secret.md5:
+        return "md5"
+    return "password"  # a scrypt hash (perseus_auth) can only check a cleartext password
+
+
+async def check_cleartext(password: str, user: str, secret: ClientSecret) -> bool:
+    """Check a cleartext password against whichever form the route keeps."""
+    if secret.scram:
+        try:
+            salt, stored_key, _server_key, iterations = parse_scram_verifier(secret.scram)
+        except PasswordFormatError:
+            return False
+        _salt, stored, _server, _count = _SCRAM.make_auth_info(
+            password, iteration_count=iterations, salt=salt
+        )
+        return hmac.compare_digest(stored, stored_key)
+    if secret.md5:
+        digest = "md5" + hashlib.md5((password + user).encode(), usedforsecurity=False).hexdigest()
+        return hmac.compare_digest(digest, secret.md5)
+    if secret.scrypt:
+        return await verify_scrypt_async(password, secret.scrypt)
+    return False
+
+
+async def authenticate_client(
+    conn: p.FramedProtocol,
+    user: str,
+    secret: ClientSecret,
+    configured: ClientAuth,
+    *,
+    allow_cleartext_without_tls: bool,
+) -> None:
+    """Run the password exchange with a client; AuthOk is NOT sent here. Raises AuthFailed."""
+    method = choose_method(configured, secret)
+    if method == "scram-sha-256":
+        await _scram_exchange(conn, user, secret)
+        return
+    if method == "md5":
+        salt = os.urandom(4)
+        conn.transport.write(p.auth_request(p.AUTH_MD5, salt))
+        answer = await _password(conn, user)
+        assert secret.md5 is not None
+        inner = secret.md5[3:].encode() + salt
+        expected = "md5" + hashlib.md5(inner, usedforsecurity=False).hexdigest()
+        if not hmac.compare_digest(answer, expected):
+            raise AuthFailed(user)
+        return
+    if not conn.tls and not allow_cleartext_without_tls:
+        raise AuthRefused(
+            "this route can only check a cleartext password, and the pooler refuses "
+            "cleartext passwords without TLS; connect with sslmode=require (configure "
+            "pooler.tls_cert_file) or set pooler.allow_cleartext_without_tls"
+        )
+    conn.transport.write(p.auth_request(p.AUTH_CLEARTEXT))
+    answer = await _password(conn, user)
+    if not await check_cleartext(answer, user, secret):
+        raise AuthFailed(user)
+
+
+async def _password(conn: p.FramedProtocol, user: str) -> str:
+    kind, body = await conn.read_message(MAX_AUTH_MESSAGE)
+    if kind != p.F_PASSWORD:
+        raise p.ProtocolViolation(f"expected a password message, got message type {chr(kind)!r}")
+    return body.rstrip(b"\0").decode(errors="replace")
+
+
+async def _scram_exchange(conn: p.FramedProtocol, user: str, secret: ClientSecret) -> None:
+    """The server side of SCRAM-SHA-256 (RFC 5802/7677) as PostgreSQL runs it.
+
+    Written out here because libpq sends an empty user name in client-first (``n=``), which
+    scramp's server refuses; the client side (``server_login``) uses scramp.
+    """
+    assert secret.scram is not None
+    try:
+        salt, stored_key, server_key, iterations = parse_scram_verifier(secret.scram)
+    except PasswordFormatError:
+        raise AuthFailed(user) from None
+    conn.transport.write(p.auth_request(p.AUTH_SASL, p.cstring("SCRAM-SHA-256") + b"\0"))
+    kind, body = await conn.read_message(MAX_AUTH_MESSAGE)
+    if kind != p.F_PASSWORD:
+        raise p.ProtocolViolation("expected a SASLInitialResponse message")
+    mechanism, pos = p.split_cstring(body)
+    if mechanism != b"SCRAM-SHA-256":
+        raise AuthRefused(
+            f"SASL mechanism {mechanism.decode(errors='replace')!r} is not supported; "
+            "use SCRAM-SHA-256 without channel binding"
+        )
+    if len(body) < pos + 4:
+        raise p.ProtocolViolation("the SASLInitialResponse message is truncated")
+    (length,) = p.INT32.unpack_from(body, pos)
+    try:
+        first = body[pos + 4 : pos + 4 + max(length, 0)].decode()
+        gs2_cb, _authzid, bare = first.split(",", 2)
+        if gs2_cb not in ("n", "y"):
+            raise AuthRefused("SCRAM channel binding is not supported by the pooler")
+        attrs = dict(item.split("=", 1) for item in bare.split(","))
+        client_nonce = attrs["r"]
+        gs2_header = first[: len(first) - len(bare)]
+    except (ValueError, KeyError, UnicodeDecodeError):
+        raise p.ProtocolViolation("malformed SCRAM client-first message") from None
+    nonce = client_nonce + base64.b64encode(os.urandom(18)).decode()
+    server_first = f"r={nonce},s={base64.b64encode(salt).decode()},i={iterations}"
+    conn.transport.write(p.auth_request(p.AUTH_SASL_CONTINUE, server_first.encode()))
+    kind, body = await conn.read_message(MAX_AUTH_MESSAGE)
+    if kind != p.F_PASSWORD:
+        raise p.ProtocolViolation("expected a SASLResponse message")
+    try:
+        final = body.decode()
+        without_proof, _, proof_attr = final.rpartition(",p=")
+        fattrs = dict(item.split("=", 1) for item in without_proof.split(","))
+        proof = base64.b64decode(proof_attr, validate=True)
+        channel = base64.b64decode(fattrs["c"]).decode()
+    except (ValueError, KeyError, UnicodeDecodeError, binascii.Error):
+        raise p.ProtocolViolation("malformed SCRAM client-final message") from None
+    if fattrs.get("r") != nonce or channel != gs2_header or len(proof) != len(stored_key):
+        raise AuthFailed(user)
+    auth_message = f"{bare},{server_first},{without_proof}".encode()
+    client_signature = hmac.new(stored_key, auth_message, hashlib.sha256).digest()
+    client_key = bytes(a ^ b for a, b in zip(proof, client_signature, strict=True))
+    if not hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key):
+        raise AuthFailed(user)
+    server_signature = hmac.new(server_key, auth_message, hashlib.sha256).digest()
+    final_message = "v=" + base64.b64encode(server_signature).decode()
+    conn.transport.write(p.auth_request(p.AUTH_SASL_FINAL, final_message.encode()))
+
+
+# --- the pooler as a client of PostgreSQL ---------------------------------------------------
+
+
+async def server_login(
+    conn: p.FramedProtocol, user: str, password: str | None
+) -> tuple[dict[str, str], tuple[int, int]]:
+    """Answer the server's authentication requests after the startup packet was sent.
+
+    Returns the server's ParameterStatus values and its BackendKeyData (pid, key).
+    """
+    params: dict[str, str] = {}
+    key = (0, 0)
+    scram: ScramClient | None = None
+    while True:
+        kind, body = await conn.read_message()
+        if kind == p.B_AUTH:
+            (code,) = p.INT32.unpack_from(body)
+            if code == p.AUTH_OK:
+                continue
+            if password is None:
+                raise ServerLoginError(
+                    "the server asks for a password and the route's destination has none",
+                    p.INVALID_PASSWORD,
+                )
+            if code == p.AUTH_CLEARTEXT:
+                conn.transport.write(p.password_message(p.cstring(password)))
+            elif code == p.AUTH_MD5:
+                inner = hashlib.md5((password + user).encode(), usedforsecurity=False)
+                outer = hashlib.md5(inner.hexdigest().encode() + body[4:8], usedforsecurity=False)
+                conn.transport.write(p.password_message(p.cstring("md5" + outer.hexdigest())))
+            elif code == p.AUTH_SASL:
+                mechanisms = [m.decode() for m in body[4:].split(b"\0") if m]
+                if "SCRAM-SHA-256" not in mechanisms:
+                    raise ServerLoginError(
+                        f"the server offers only SASL mechanisms {mechanisms}, "
+                        "the pooler supports SCRAM-SHA-256"
+                    )
+                scram = ScramClient(["SCRAM-SHA-256"], user, password)
+                first = scram.get_client_first().encode()
+                conn.transport.write(p.sasl_initial_response("SCRAM-SHA-256", first))
+            elif code == p.AUTH_SASL_CONTINUE and scram is not None:
+                try:
+                    scram.set_server_first(body[4:].decode())
+                except ScramException as exc:
+                    raise ServerLoginError(f"SCRAM with the server failed: {exc}") from None
+                conn.transport.write(p.password_message(scram.get_client_final().encode()))
+            elif code == p.AUTH_SASL_FINAL and scram is not None:
+                try:
+                    scram.set_server_final(body[4:].decode())
+                except ScramException as exc:
+                    raise ServerLoginError(
+                        f"the server's SCRAM signature did not verify: {exc}"
+                    ) from None
+            else:
+                raise ServerLoginError(f"the server asks for unsupported authentication {code}")
+        elif kind == p.B_PARAMETER_STATUS:
+            name, value = p.parameter_from_body(body)
+            params[name] = value
+        elif kind == p.B_BACKEND_KEY:
+            pid, secret = p.INT32.unpack_from(body)[0], p.INT32.unpack_from(body, 4)[0]
+            key = (pid, secret)
+        elif kind == p.B_READY:
+            return params, key
+        elif kind == p.B_ERROR:
+            fields = p.error_fields(body)
+            raise ServerLoginError(
+                fields.get("M", "the server refused the login"),
+                fields.get("C", p.CANNOT_CONNECT),
+            )
+        elif kind in (p.B_NOTICE, ord("v")):  # NegotiateProtocolVersion: 3.0 is fine
+            continue
+        else:
+            raise ServerLoginError(f"unexpected message {chr(kind)!r} during the server login")

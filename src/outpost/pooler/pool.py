@@ -1,0 +1,723 @@
+"""Server connections and the pools that hold them.
+
+A ``ServerConnection`` is one PostgreSQL backend. While it serves a client it forwards the
+server's bytes to that client frame by frame, looking only at the 5-byte header, and at the
+body of ReadyForQuery (to release the connection), ParameterStatus (to track settings), and
+ParseComplete/CloseComplete (to hide the answers to statements the pooler prepared itself).
+
+A ``Pool`` holds the connections to one destination (host, port, database, user): every tenant
+routed there shares them. Idle connections are reused last-in first-out, preferring one whose
+``search_path`` and tracked settings already match the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from outpost.pooler import protocol as p
+from outpost.pooler.auth import ServerLoginError, server_login
+from outpost.pooler.routes import Destination
+
+if TYPE_CHECKING:
+    from outpost.config import PoolerConfig
+
+log = logging.getLogger("outpost.pooler")
+
+#: Settings the pooler keeps equal between a client and the server connection it uses
+#: (pgbouncer's "varcache"); ``search_path`` is handled the same way, from the route's schema.
+TRACKED = (
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "standard_conforming_strings",
+)
+#: Server-side prepared statements kept per connection before the oldest is closed.
+MAX_PREPARED_PER_SERVER = 1000
+
+_Z = p.B_READY
+_S = p.B_PARAMETER_STATUS
+_PC = p.B_PARSE_COMPLETE
+_CC = p.B_CLOSE_COMPLETE
+_HEADER = p.HEADER
+_SYNC_MARK = None
+
+
+class ClientLink(Protocol):
+    """What a server connection needs from the client it serves (server.ClientSession)."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def on_ready(self, server: ServerConnection) -> None: ...
+
+    def on_server_param(self, name: str, value: str) -> None: ...
+
+    def on_server_lost(self, server: ServerConnection, reason: str) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+@dataclass
+class PoolSettings:
+    pool_mode: str = "transaction"
+    pool_size: int = 20
+    min_idle: int = 0
+    max_idle: int = 20
+    max_lifetime: float = 3600.0
+    max_idle_time: float = 600.0
+    connect_timeout: float = 10.0
+    close_timeout: float = 5.0
+    schema_set_timeout: float = 5.0
+    client_wait_timeout: float = 30.0
+
+    @classmethod
+    def from_config(cls, cfg: PoolerConfig) -> PoolSettings:
+        return cls(
+            pool_mode=cfg.pool_mode,
+            pool_size=cfg.pool_size,
+            min_idle=cfg.min_idle,
+            max_idle=cfg.max_idle,
+            max_lifetime=cfg.max_lifetime,
+            max_idle_time=cfg.max_idle_time,
+            connect_timeout=cfg.connect_timeout,
+            close_timeout=cfg.close_timeout,
+            schema_set_timeout=cfg.schema_set_timeout,
+            client_wait_timeout=cfg.client_wait_timeout,
+        )
+
+
+class PoolError(Exception):
+    """A server connection could not be had; the message is safe to show to the client."""
+
+    def __init__(self, message: str, sqlstate: str = p.CANNOT_CONNECT) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+# --- TLS to servers --------------------------------------------------------------------------
+
+_contexts: dict[tuple[str, str | None, str | None, str | None], ssl.SSLContext] = {}
+
+
+def server_ssl_context(dest: Destination) -> ssl.SSLContext | None:
+    """The client-side TLS context for DEST's sslmode (cached), None for disable."""
+    if dest.sslmode == "disable":
+        return None
+    key = (dest.sslmode, dest.sslrootcert, dest.sslcert, dest.sslkey)
+    ctx = _contexts.get(key)
+    if ctx is not None:
+        return ctx
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if dest.sslmode in ("verify-ca", "verify-full") or (
+        dest.sslmode == "require" and dest.sslrootcert
+    ):
+        if dest.sslrootcert:
+            ctx.load_verify_locations(cafile=dest.sslrootcert)
+        else:
+            ctx.load_default_certs()
+        ctx.check_hostname = dest.sslmode == "verify-full"
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if dest.sslcert:
+        ctx.load_cert_chain(dest.sslcert, dest.sslkey)
+    _contexts[key] = ctx
+    return ctx
+
+
+async def negotiate_server_tls(conn: p.FramedProtocol, dest: Destination) -> None:
+    """SSLRequest as libpq does for DEST's sslmode; raises PoolError when TLS is required."""
+    ctx = server_ssl_context(dest)
+    if ctx is None:
+        return
+    conn.transport.write(p.ssl_request())
+    answer = await conn.read_exactly(1)
+    if answer == b"S":
+        try:
+            await conn.start_tls(ctx, server_side=False, server_hostname=dest.host)
+        except ssl.SSLError as exc:
+            raise PoolError(
+                f"TLS with {dest.host}:{dest.port} failed ({exc.reason or exc}); check "
+                "the destination's sslmode and sslrootcert"
+            ) from None
+    elif answer == b"N":
+        if dest.sslmode not in ("prefer", "allow"):
+            raise PoolError(
+                f"{dest.host}:{dest.port} does not accept TLS and the destination's "
+                f"sslmode is {dest.sslmode}"
+            )
+    else:
+        raise PoolError(f"{dest.host}:{dest.port} answered the TLS request with garbage")
+
+
+# --- one server connection ---------------------------------------------------------------------
+
+
+class ServerConnection(p.FramedProtocol):
+    __slots__ = (
+        "_partial",
+        "_remain",
+        "attached_at",
+        "backend_key",
+        "backend_pid",
+        "broken",
+        "client",
+        "connect_time",
+        "created_at",
+        "expect",
+        "forwarding",
+        "last_used",
+        "local",
+        "params",
+        "pool",
+        "prepared",
+        "request_time",
+        "search_path",
+        "state",
+        "status",
+        "syncs",
+        "track",
+        "uncertain",
+        "unsynced",
+    )
+
+    def __init__(self, pool: Pool) -> None:
+        super().__init__()
+        self.pool = pool
+        self.client: ClientLink | None = None
+        self.params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_key = 0
+        self.search_path: str | None = None
+        self.state: tuple[str | None, tuple[str | None, ...]] = (None, ())
+        self.prepared: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        #: statements that may or may not exist here (a Close the server skipped)
+        self.uncertain: set[bytes] = set()
+        self.created_at = time.monotonic()
+        self.connect_time = time.time()
+        self.last_used = self.created_at
+        self.attached_at = 0.0
+        self.request_time = time.time()
+        self.broken = False
+        self.forwarding = False
+        self.track = pool.settings.pool_mode == "transaction"
+        # forwarding state
+        self._partial = b""
+        self._remain = 0
+        #: answers still due: None per Sync/Query (a ReadyForQuery), and (name, kind, drop) per
+        #: Parse/Close sent, in order; ParseComplete/CloseComplete pop the head.
+        self.expect: collections.deque[tuple[bytes, int, bool] | None] = collections.deque()
+        self.syncs = 0
+        self.unsynced = False
+        self.status = b"I"[0]
+        self.local: tuple[str, int] = ("", 0)
+
+    # --- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        local = transport.get_extra_info("sockname")
+        if isinstance(local, tuple) and len(local) >= 2:
+            self.local = (str(local[0]), int(local[1]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.broken = True
+        client = self.client
+        if client is not None:
+            self.client = None
+            client.on_server_lost(self, "the server closed the connection")
+        self.pool.forget(self)
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading()
+
+    def data_received(self, data: bytes) -> None:  # the hot path, kept in one piece
+        client = self.client
+        if not self.forwarding or client is None:
+            if self.forwarding:
+                return  # an idle connection's notice or parameter report: nothing to do
+            self.buffer_data(data)
+            return
+        self.pool.bytes_sent += len(data)
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        n = len(data)
+        pos = self._remain
+        if pos:
+            if pos >= n:
+                self._remain = pos - n
+                client.write(data)
+                return
+            self._remain = 0
+        start = 0
+        ready = False
+        while pos < n:
+            if pos + 5 > n:
+                break
+            kind, length = _HEADER.unpack_from(data, pos)
+            end = pos + 1 + length
+            if kind == _Z:
+                if end > n:
+                    break
+                self.status = data[pos + 5]
+                expect = self.expect
+                while expect:
+                    entry = expect.popleft()
+                    if entry is _SYNC_MARK:
+                        break
+                    self._unanswered(entry)
+                if self.syncs:
+                    self.syncs -= 1
+                ready = True
+            elif kind in (_PC, _CC):
+                if self.expect and self.expect[0] is not _SYNC_MARK:
+                    entry = self.expect.popleft()
+                    assert entry is not None
+                    if entry[2]:  # answer to a message the pooler added: hidden
+                        if pos > start:
+                            client.write(memoryview(data)[start:pos])
+                        start = end
+            elif kind == _S:
+                if end > n:
+                    break
+                name, value = p.parameter_from_body(data[pos + 5 : end])
+                self.params[name] = value
+                if name in TRACKED:
+                    self.compute_state()
+                    client.on_server_param(name, value)
+            if end > n:
+                self._remain = end - n
+                pos = n
+                break
+            pos = end
+        if pos < n:
+            self._partial = data[pos:]
+            n = pos
+        if start == 0 and n == len(data):
+            client.write(data)
+        elif n > start:
+            client.write(memoryview(data)[start:n])
+        if ready and self.status == 73 and not self.syncs and not self.unsynced:  # 'I'
+            client.on_ready(self)
+
+    def _unanswered(self, entry: tuple[bytes, int, bool]) -> None:
+        """A Parse/Close the server skipped after an error: its statement's state is unsure."""
+        name, what, _drop = entry
+        if not name:
+            return
+        if what == _PC:
+            self.prepared.pop(name, None)
+        else:
+            self.uncertain.add(name)
+
+    # --- used by the pool and the client session ---------------------------------------
+
+    def compute_state(self) -> None:
+        self.state = (self.search_path, tuple(self.params.get(k) for k in TRACKED))
+
+    def attach(self, client: ClientLink) -> None:
+        self.client = client
+        self.forwarding = True
+        self.attached_at = time.monotonic()
+        self.request_time = time.time()
+
+    def detach(self) -> None:
+        self.client = None
+        self._partial = b""
+        self._remain = 0
+
+    @property
+    def idle_clean(self) -> bool:
+        """No answer due, no transaction open: safe to hand to another client."""
+        return (
+            not self.broken
+            and not self.syncs
+            and not self.unsynced
+            and self.status == 73  # "I"
+            and not self._remain
+            and not self._partial
+        )
+
+    async def run_internal(self, sql: str, timeout: float) -> str | None:
+        """Run SQL as a simple query nobody sees; the error message, or None when it worked."""
+        self.forwarding = False
+        self._buf.clear()
+        self.transport.write(p.query(sql))
+        error: str | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    kind, body = await self.read_message()
+                    if kind == p.B_ERROR:
+                        error = p.error_fields(body).get("M", "error")
+                    elif kind == p.B_PARAMETER_STATUS:
+                        name, value = p.parameter_from_body(body)
+                        self.params[name] = value
+                    elif kind == p.B_READY:
+                        self.status = body[0]
+                        break
+        except (TimeoutError, p.ConnectionClosed, p.ProtocolViolation):
+            self.close()
+            raise
+        finally:
+            self.forwarding = True
+        return error
+
+    def remember_prepared(self, name: bytes) -> bytes | None:
+        """Record NAME as prepared here; the statement to close when the cache is full."""
+        self.prepared[name] = None
+        if len(self.prepared) > MAX_PREPARED_PER_SERVER:
+            old, _ = self.prepared.popitem(last=False)
+            return old
+        return None
+
+    def close(self) -> None:
+        self.broken = True
+        if not self._closed:
+            try:
+                self.transport.write(p.TERMINATE)
+            except Exception:
+                log.debug("terminate failed", exc_info=True)
+            self.transport.close()
+
+    def describe_state(self) -> str:
+        return "active" if self.client is not None else "idle"
+
+
+# --- the pool --------------------------------------------------------------------------------
+
+
+class Pool:
+    """Server connections to one destination, shared by every route that leads there."""
+
+    def __init__(
+        self,
+        destination: Destination,
+        settings: PoolSettings,
+        *,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.destination = destination
+        self.settings = settings
+        self.idle: list[ServerConnection] = []
+        self.active: set[ServerConnection] = set()
+        self.connecting = 0
+        self.waiters: collections.deque[Waiter] = collections.deque()
+        self.defaults: dict[str, str] | None = None
+        self.paused = False
+        self._on_change = on_change
+        self.closed = False
+        # statistics (SHOW STATS, metrics)
+        self.xact_count = 0
+        self.query_count = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.xact_time = 0.0
+        self.wait_time = 0.0
+        self.wait_count = 0
+        self.connect_errors = 0
+        self.timeouts = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.idle) + len(self.active) + self.connecting
+
+    # --- acquire / release -------------------------------------------------------------
+    #
+    # A client that finds no idle connection and no room to open one waits in ``waiters``; a
+    # released connection is handed to the first waiter directly (``Waiter.handoff``), with no
+    # task or future per transaction. ``expire`` (called a few times a second) ends the waits
+    # that passed client_wait_timeout.
+
+    def take_idle(
+        self, state: tuple[str | None, tuple[str | None, ...]]
+    ) -> ServerConnection | None:
+        """An idle connection now (one matching STATE when possible), or None."""
+        idle = self.idle
+        if not idle or self.paused:
+            return None
+        conn = idle[-1]
+        if conn.state != state:
+            for i in range(len(idle) - 2, -1, -1):
+                if idle[i].state == state:
+                    conn = idle.pop(i)
+                    break
+            else:
+                idle.pop()
+        else:
+            idle.pop()
+        self.active.add(conn)
+        return conn
+
+    def may_open(self) -> bool:
+        """Whether a new server connection may be opened now."""
+        return not self.paused and self.total < self.settings.pool_size
+
+    def enqueue(self, waiter: Waiter) -> None:
+        waiter.waiting = True
+        waiter.wait_deadline = time.monotonic() + self.settings.client_wait_timeout
+        self.waiters.append(waiter)
+
+    def expire(self, now: float) -> None:
+        """End the waits that passed client_wait_timeout (and drop finished entries)."""
+        if not self.waiters:
+            return
+        keep: collections.deque[Waiter] = collections.deque()
+        for waiter in self.waiters:
+            if not waiter.waiting:
+                continue
+            if now >= waiter.wait_deadline:
+                waiter.waiting = False
+                self.timeouts += 1
+                waiter.timed_out(self.timeout_error())
+            else:
+                keep.append(waiter)
+        self.waiters = keep
+
+    def timeout_error(self) -> PoolError:
+        return PoolError(
+            f"no server connection to {self.destination.describe()} became free within "
+            f"{self.settings.client_wait_timeout:g}s (pool_size {self.settings.pool_size}); "
+            "retry later or raise pooler.pool_size or pooler.client_wait_timeout",
+            p.TOO_MANY_CONNECTIONS,
+        )
+
+    @property
+    def waiting_count(self) -> int:
+        return sum(1 for w in self.waiters if w.waiting)
+
+    @property
+    def maxwait(self) -> float:
+        starts = [w.wait_deadline for w in self.waiters if w.waiting]
+        if not starts:
+            return 0.0
+        return max(0.0, time.monotonic() - (min(starts) - self.settings.client_wait_timeout))
+
+    async def acquire(
+        self, state: tuple[str | None, tuple[str | None, ...]], startup: dict[str, str]
+    ) -> ServerConnection:
+        """A server connection (outside the hot path: the first login to a destination)."""
+        while True:
+            conn = self.take_idle(state)
+            if conn is not None:
+                return conn
+            if self.may_open():
+                self.reserve()
+                return await self.open_for_client(startup)
+            waiter = _FutureWaiter()
+            self.enqueue(waiter)
+            try:
+                handed = await waiter.future
+            except asyncio.CancelledError:
+                waiter.waiting = False
+                if waiter.future.done() and not waiter.future.cancelled():
+                    lost = waiter.future.result()
+                    if lost is not None:
+                        self.release(lost)
+                raise
+            if handed is not None:
+                return handed
+
+    def reserve(self) -> None:
+        """Count a connection about to be opened (call when may_open() said yes)."""
+        self.connecting += 1
+
+    async def open_for_client(self, startup: dict[str, str]) -> ServerConnection:
+        """Open a connection reserved with reserve() (active when it returns)."""
+        try:
+            conn = await self.connect(startup)
+        except BaseException:
+            self.connecting -= 1
+            self._wake_one()
+            raise
+        self.connecting -= 1
+        self.active.add(conn)
+        return conn
+
+    def release(self, conn: ServerConnection) -> None:
+        """Back from a client: to a waiting client, to the idle list, or closed."""
+        self.active.discard(conn)
+        conn.detach()
+        conn.last_used = time.monotonic()
+        if not conn.idle_clean or self.closed:
+            conn.close()
+            self._wake_one()
+            return
+        if self.settings.max_lifetime and (
+            conn.last_used - conn.created_at > self.settings.max_lifetime
+        ):
+            conn.close()
+            self._wake_one()
+            return
+        waiters = self.waiters
+        while waiters and not self.paused:
+            waiter = waiters.popleft()
+            if waiter.waiting:
+                waiter.waiting = False
+                self.active.add(conn)
+                waiter.handoff(conn)
+                return
+        conn.forwarding = True
+        self.idle.append(conn)
+
+    def forget(self, conn: ServerConnection) -> None:
+        """A connection closed (by either side): drop it and let a waiter open a new one."""
+        removed = False
+        if conn in self.active:
+            self.active.discard(conn)
+            removed = True
+        elif conn in self.idle:
+            self.idle.remove(conn)
+            removed = True
+        if removed:
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        """A slot is free: the first waiter opens a connection itself."""
+        while self.waiters and self.may_open():
+            waiter = self.waiters.popleft()
+            if waiter.waiting:
+                waiter.waiting = False
+                waiter.handoff(None)
+                return
+
+    def resume(self) -> None:
+        self.paused = False
+        while self.idle and self.waiters:
+            waiter = self.waiters.popleft()
+            if waiter.waiting:
+                waiter.waiting = False
+                conn = self.idle.pop()
+                self.active.add(conn)
+                waiter.handoff(conn)
+        while self.waiters and self.may_open():
+            before = len(self.waiters)
+            self._wake_one()
+            if len(self.waiters) == before:
+                break
+
+    # --- opening and closing -------------------------------------------------------------
+
+    async def connect(self, startup: dict[str, str]) -> ServerConnection:
+        """Open and log in a new server connection with these startup settings."""
+        dest = self.destination
+        loop = asyncio.get_running_loop()
+        conn = ServerConnection(self)
+        params = {"user": dest.user, "database": dest.database, **startup}
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await loop.create_connection(lambda: conn, dest.host, dest.port)
+                await negotiate_server_tls(conn, dest)
+                conn.transport.write(p.startup_packet(params))
+                server_params, (pid, key) = await server_login(conn, dest.user, dest.password)
+        except TimeoutError:
+            self._drop_failed(conn)
+            raise PoolError(
+                f"could not connect to {dest.describe()} within "
+                f"{self.settings.connect_timeout:g}s (pooler.connect_timeout)"
+            ) from None
+        except OSError as exc:
+            self._drop_failed(conn)
+            raise PoolError(
+                f"could not connect to {dest.describe()}: {exc.strerror or exc}"
+            ) from None
+        except ServerLoginError as exc:
+            self._drop_failed(conn)
+            raise PoolError(f"login to {dest.describe()} failed: {exc}", exc.sqlstate) from None
+        except (p.ConnectionClosed, p.ProtocolViolation) as exc:
+            self._drop_failed(conn)
+            raise PoolError(f"the connection to {dest.describe()} broke: {exc}") from None
+        conn.params = server_params
+        conn.backend_pid, conn.backend_key = pid, key
+        sp = startup.get("search_path")
+        conn.search_path = sp
+        conn.compute_state()
+        conn.forwarding = True
+        if self.defaults is None:
+            self.defaults = dict(server_params)
+        return conn
+
+    def _drop_failed(self, conn: ServerConnection) -> None:
+        self.connect_errors += 1
+        conn.broken = True
+        transport = getattr(conn, "transport", None)
+        if transport is not None:
+            transport.close()
+
+    def maintain(self, now: float) -> None:
+        """Close idle connections past max_idle_time, max_lifetime or the max_idle count."""
+        s = self.settings
+        keep: list[ServerConnection] = []
+        for conn in self.idle:
+            expired = (s.max_idle_time and now - conn.last_used > s.max_idle_time) or (
+                s.max_lifetime and now - conn.created_at > s.max_lifetime
+            )
+            if expired or conn.broken:
+                conn.close()
+            else:
+                keep.append(conn)
+        while len(keep) > s.max_idle:
+            keep.pop(0).close()
+        self.idle = keep
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in list(self.idle):
+            conn.close()
+        self.idle.clear()
+        for conn in list(self.active):
+            conn.close()
+        waiters, self.waiters = self.waiters, collections.deque()
+        for waiter in waiters:
+            if waiter.waiting:
+                waiter.waiting = False
+                waiter.timed_out(PoolError("the pooler is shutting down", p.ADMIN_SHUTDOWN))
+
+
+class Waiter(Protocol):
+    """Something waiting for a server connection (a client session, or a coroutine)."""
+
+    waiting: bool  # in the pool's queue
+    wait_deadline: float
+
+    def handoff(self, conn: ServerConnection | None) -> None:
+        """CONN is yours (already active), or None: a slot is free, open one yourself."""
+
+    def timed_out(self, error: PoolError) -> None:
+        """The wait passed client_wait_timeout."""
+
+
+class _FutureWaiter:
+    __slots__ = ("future", "wait_deadline", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting = False
+        self.wait_deadline = 0.0
+        self.future: asyncio.Future[ServerConnection | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def handoff(self, conn: ServerConnection | None) -> None:
+        if not self.future.done():
+            self.future.set_result(conn)
+
+    def timed_out(self, error: PoolError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)

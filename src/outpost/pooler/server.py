@@ -1,0 +1,1176 @@
+"""The pooler's front: listeners, client sessions, routing, cancel requests, reload.
+
+A ``ClientSession`` logs a client in (TLS, routing by database and schema, password), then
+forwards its bytes to a server connection taken from the destination's pool: in transaction
+mode from the first message of a transaction until ReadyForQuery says idle, in session mode
+until the client leaves. Named prepared statements are renamed per query text and prepared on
+whichever server connection runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from outpost.pooler import protocol as p
+from outpost.pooler.auth import AuthFailed, AuthRefused, authenticate_client
+from outpost.pooler.pool import (
+    TRACKED,
+    Pool,
+    PoolError,
+    PoolSettings,
+    ServerConnection,
+    negotiate_server_tls,
+)
+from outpost.pooler.routes import Destination, RouteError, RouteSource
+
+if TYPE_CHECKING:
+    from outpost.config import LoadedConfig, PoolerConfig
+
+log = logging.getLogger("outpost.pooler")
+
+ADMIN_DATABASES = ("outpost", "pgbouncer")
+#: How long a client may take from connecting to being logged in.
+LOGIN_TIMEOUT = 60.0
+#: Statements that only make sense on a connection the client keeps (refused in transaction mode).
+SESSION_ONLY = re.compile(
+    rb"(?is)(?:^|;)\s*(listen)\b|\b(pg_(?:try_)?advisory_lock(?:_shared)?)\s*\(|\bwith\s+(hold)\b"
+)
+_SESSION_ONLY_WHAT = {
+    b"listen": "LISTEN",
+    b"hold": "WITH HOLD cursors",
+}
+
+_HEADER = p.HEADER
+_MAX = p.MAX_MESSAGE_LENGTH
+_Q, _S, _F, _X = p.F_QUERY, p.F_SYNC, p.F_FUNCTION_CALL, p.F_TERMINATE
+_P, _B, _D, _C, _E = p.F_PARSE, p.F_BIND, p.F_DESCRIBE, p.F_CLOSE, p.F_EXECUTE
+_PC, _CC = p.B_PARSE_COMPLETE, p.B_CLOSE_COMPLETE
+_EXTENDED = frozenset((_P, _B, _D, _C, _E))
+_COUNTED = frozenset((_Q, _S, _F))
+
+
+def _maybe_session_only(data: bytes, start: int, end: int) -> bool:
+    """A cheap pre-check before SESSION_ONLY (most queries contain none of these words)."""
+    find = data.find
+    return (
+        find(b"ISTEN", start, end) >= 0
+        or find(b"isten", start, end) >= 0
+        or find(b"DVISORY", start, end) >= 0
+        or find(b"dvisory", start, end) >= 0
+        or find(b"HOLD", start, end) >= 0
+        or find(b"hold", start, end) >= 0
+    )
+
+
+def _normalize(name: str, value: str) -> str:
+    if name == "client_encoding" and value.replace("-", "").replace("_", "").lower() == "utf8":
+        return "UTF8"
+    return value
+
+
+class ClientSession(p.FramedProtocol):
+    """One client connection to the pooler."""
+
+    __slots__ = (
+        "_partial",
+        "_pending",
+        "_remain",
+        "_skip_to_sync",
+        "_task",
+        "admin",
+        "application_name",
+        "conn",
+        "connect_time",
+        "database",
+        "gone",
+        "key",
+        "local",
+        "login_task",
+        "pid",
+        "pool",
+        "ready",
+        "request_time",
+        "schema",
+        "search_path",
+        "srv",
+        "state",
+        "statements",
+        "txn",
+        "user",
+        "wait_deadline",
+        "wait_started",
+        "waiting",
+        "waiting_server",
+        "want",
+    )
+
+    def __init__(self, srv: PoolerServer) -> None:
+        super().__init__()
+        self.srv = srv
+        self.ready = False
+        self.admin = False
+        self.pool: Pool | None = None
+        self.conn: ServerConnection | None = None
+        self.user = ""
+        self.database = ""
+        self.schema = ""
+        self.application_name = ""
+        self.search_path = ""
+        self.want: dict[str, str | None] = {}
+        self.state: tuple[str | None, tuple[str | None, ...]] = (None, ())
+        self.statements: dict[bytes, tuple[bytes, bytes]] = {}
+        self.txn = srv.settings.pool_mode == "transaction"
+        self.pid = 0
+        self.key = 0
+        self.connect_time = time.time()
+        self.request_time = self.connect_time
+        self.wait_started = 0.0
+        self._partial = b""
+        self._remain = 0
+        self._pending = bytearray()
+        self._skip_to_sync = False
+        self.waiting = False  # in the pool's queue
+        self.wait_deadline = 0.0
+        self.waiting_server = False  # data goes to _pending until a server connection comes
+        self._task: asyncio.Task[None] | None = None  # opening or preparing a server connection
+        self.login_task: asyncio.Task[None] | None = None
+        self.gone = False
+        self.local: tuple[str, int] = ("", 0)
+
+    # --- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        local = transport.get_extra_info("sockname")
+        if isinstance(local, tuple) and len(local) >= 2:
+            self.local = (str(local[0]), int(local[1]))
+        self.srv.add_client(self)
+        self.login_task = asyncio.get_running_loop().create_task(self._login())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.gone = True
+        self.srv.remove_client(self)
+        self.waiting = False  # leave the pool's queue; a task opening a connection finishes
+        if self.login_task is not None and not self.ready:
+            self.login_task.cancel()
+        conn = self.conn
+        if conn is not None and self._task is None:  # a running _prepare/_open tidies up itself
+            self.conn = None
+            conn.detach()
+            self.srv.spawn(self._cleanup(conn))
+
+    def pause_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.ready:
+            self.buffer_data(data)
+            return
+        if self.pool is not None:
+            self.pool.bytes_received += len(data)
+        if self.waiting_server:
+            self._pending += data
+            return
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        self._feed(data)
+
+    # --- ClientLink (called by the server connection) ------------------------------------
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.transport.write(data)
+
+    def on_ready(self, server: ServerConnection) -> None:
+        if self.txn and self.conn is server and not self._partial and not self._remain:
+            self._release(server)
+
+    def on_server_param(self, name: str, value: str) -> None:
+        self.want[name] = value
+        self.state = (self.search_path, tuple(self.want.get(k) for k in TRACKED))
+        if self.conn is not None:
+            self.conn.compute_state()
+
+    def on_server_lost(self, server: ServerConnection, reason: str) -> None:
+        if self.conn is server:
+            self.conn = None
+        dest = server.pool.destination.describe()
+        self.fatal(p.CONNECTION_FAILURE, f"the server connection to {dest} was lost ({reason})")
+
+    def pause_reading(self) -> None:
+        if not self.gone:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.gone:
+            self.transport.resume_reading()
+
+    # --- errors ----------------------------------------------------------------------------
+
+    def fatal(self, sqlstate: str, text: str) -> None:
+        """Tell the client why and close its connection (the pooler keeps serving others)."""
+        if self.gone:
+            return
+        with contextlib.suppress(Exception):
+            self.transport.write(p.error_response(sqlstate, text, severity="FATAL"))
+        self.transport.close()
+        self.gone = True
+
+    # --- login ------------------------------------------------------------------------------
+
+    async def _login(self) -> None:
+        try:
+            async with asyncio.timeout(LOGIN_TIMEOUT):
+                await self._startup()
+        except p.ProtocolViolation as exc:
+            self.fatal(p.PROTOCOL_VIOLATION, str(exc))
+        except (AuthFailed, AuthRefused) as exc:
+            log.info("login refused for %s from %s: %s", self.user, self.peer[0], exc)
+            self.fatal(exc.sqlstate, str(exc))
+        except PoolError as exc:
+            self.fatal(exc.sqlstate, str(exc))
+        except RouteError as exc:
+            self.fatal(p.CANNOT_CONNECT, f"the route source failed: {exc}")
+        except TimeoutError:
+            self.fatal(p.PROTOCOL_VIOLATION, f"the login took longer than {LOGIN_TIMEOUT:g}s")
+        except (p.ConnectionClosed, ConnectionError, ssl.SSLError):
+            if not self.gone:
+                self.transport.close()
+        except asyncio.CancelledError:
+            if not self.gone:
+                self.transport.close()
+        except Exception:
+            log.exception("login of a client from %s failed", self.peer[0])
+            self.fatal(p.INTERNAL_ERROR, "the pooler failed to log the client in; see its log")
+
+    async def _startup(self) -> None:
+        srv = self.srv
+        while True:
+            msg = p.parse_startup(await self.read_startup())
+            if isinstance(msg, p.SSLRequest):
+                if self.tls:
+                    raise p.ProtocolViolation("SSLRequest received on a TLS connection")
+                if srv.tls_context is None:
+                    self.transport.write(b"N")
+                else:
+                    self.transport.write(b"S")
+                    await self.start_tls(srv.tls_context, server_side=True)
+                continue
+            if isinstance(msg, p.GSSENCRequest):
+                self.transport.write(b"N")
+                continue
+            if isinstance(msg, p.CancelRequest):
+                # shielded: the client may hang up before the server got the cancel
+                await asyncio.shield(srv.spawn(srv.cancel(msg.pid, msg.key)))
+                self.transport.close()
+                return
+            break
+        params = msg.params
+        self.user = params["user"]
+        self.database = params.get("database") or self.user
+        self.application_name = params.get("application_name", "")
+        if srv.client_count > srv.config.max_client_conn:
+            raise PoolError(
+                f"no more connections allowed (max_client_conn {srv.config.max_client_conn})",
+                p.TOO_MANY_CONNECTIONS,
+            )
+        if self.database in ADMIN_DATABASES:
+            await self._admin_login()
+            return
+        schema = p.schema_from_params(params) or "public"
+        self.schema = schema
+        route = await srv.routes.lookup(self.database, schema)
+        if route is None:
+            raise PoolError(
+                f'no route for database "{self.database}" and schema "{schema}"; add one with '
+                "`outpost pooler routes add` (or a perseus_auth row)",
+                p.INVALID_CATALOG,
+            )
+        await authenticate_client(
+            self,
+            self.user,
+            route.secret,
+            srv.config.client_auth,
+            allow_cleartext_without_tls=srv.config.allow_cleartext_without_tls,
+        )
+        if route.user != self.user:
+            raise AuthFailed(self.user)
+        pool = srv.pool_for(route.destination)
+        self.pool = pool
+        self.search_path = p.quote_ident(schema)
+        defaults = await srv.server_defaults(pool, self.search_path)
+        self.want = {k: defaults.get(k) for k in TRACKED}
+        for name in TRACKED:
+            if name in params:
+                self.want[name] = _normalize(name, params[name])
+        self.state = (self.search_path, tuple(self.want.get(k) for k in TRACKED))
+        shown = dict(defaults)
+        shown.update({k: v for k, v in self.want.items() if v is not None})
+        shown["application_name"] = self.application_name
+        self.pid, self.key = srv.new_backend_key(self)
+        out = [p.AUTH_OK_MESSAGE]
+        out += [p.parameter_status(k, v) for k, v in shown.items()]
+        out.append(p.backend_key_data(self.pid, self.key))
+        out.append(p.READY_IDLE)
+        self.transport.write(b"".join(out))
+        self.ready = True
+        self.login_task = None
+        leftover = self.take_buffer()
+        if leftover:
+            self.data_received(leftover)
+
+    async def _admin_login(self) -> None:
+        from outpost.pooler.admin import AdminSession
+
+        srv = self.srv
+        if self.user not in srv.config.admin_users:
+            raise AuthRefused(
+                f'user "{self.user}" may not use the pooler console; list it in pooler.admin_users'
+            )
+        route = None
+        for database in (self.database, *ADMIN_DATABASES):
+            route = await srv.routes.lookup(database, "public")
+            if route is not None and route.user == self.user:
+                break
+            route = None
+        if route is not None:
+            await authenticate_client(
+                self,
+                self.user,
+                route.secret,
+                srv.config.client_auth,
+                allow_cleartext_without_tls=srv.config.allow_cleartext_without_tls,
+            )
+        elif self.peer[0] not in ("127.0.0.1", "::1", "unix"):
+            raise AuthRefused(
+                f'the pooler console accepts "{self.user}" without a password only from '
+                "loopback; add a route for database outpost to give it a password"
+            )
+        self.admin = True
+        self.pid, self.key = srv.new_backend_key(self)
+        out = [p.AUTH_OK_MESSAGE]
+        for name, value in (
+            ("server_version", "15.0 (outpost pooler)"),
+            ("server_encoding", "UTF8"),
+            ("client_encoding", "UTF8"),
+            ("DateStyle", "ISO, MDY"),
+            ("integer_datetimes", "on"),
+            ("standard_conforming_strings", "on"),
+            ("application_name", self.application_name),
+        ):
+            out.append(p.parameter_status(name, value))
+        out.append(p.backend_key_data(self.pid, self.key))
+        out.append(p.READY_IDLE)
+        self.transport.write(b"".join(out))
+        await AdminSession(srv, self).run()
+
+    # --- forwarding -------------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None:
+            pool = self.pool
+            if pool is None or self.gone:
+                return
+            if data[:1] == b"X":  # Terminate between transactions: no server needed
+                self.transport.close()
+                return
+            conn = pool.take_idle(self.state)
+            if conn is None or conn.state != self.state:
+                self._pending += data
+                self.waiting_server = True
+                self.wait_started = time.monotonic()
+                if conn is not None:
+                    self._run(self._prepare(conn))
+                elif pool.may_open():
+                    pool.reserve()
+                    self._run(self._open())
+                else:
+                    pool.enqueue(self)
+                return
+            conn.attach(self)
+            self.conn = conn
+            self.request_time = conn.request_time
+        self._forward(conn, data)
+
+    # --- Waiter (called by the pool) ------------------------------------------------------
+
+    def handoff(self, conn: ServerConnection | None) -> None:
+        pool = self.pool
+        assert pool is not None
+        if self.gone:
+            if conn is not None:
+                pool.release(conn)
+            return
+        if conn is None:  # a slot is free
+            conn = pool.take_idle(self.state)
+            if conn is None:
+                if pool.may_open():
+                    pool.reserve()
+                    self._run(self._open())
+                else:
+                    pool.enqueue(self)
+                return
+        if conn.state != self.state:
+            self._run(self._prepare(conn))
+            return
+        self._attached(conn)
+
+    def timed_out(self, error: PoolError) -> None:
+        self.waiting_server = False
+        self.fatal(error.sqlstate, str(error))
+
+    def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._task = asyncio.get_running_loop().create_task(coro)
+
+    def _attached(self, conn: ServerConnection) -> None:
+        conn.attach(self)
+        self.conn = conn
+        self.waiting_server = False
+        pool = conn.pool
+        pool.wait_time += time.monotonic() - self.wait_started
+        pool.wait_count += 1
+        self.request_time = conn.request_time
+        data = bytes(self._pending)
+        self._pending.clear()
+        if data:
+            self._feed(data)
+
+    async def _open(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        try:
+            conn = await pool.open_for_client(self._startup_for_server())
+        except PoolError as exc:
+            self._task = None
+            self.waiting_server = False
+            self.fatal(exc.sqlstate, str(exc))
+            return
+        await self._prepare(conn)
+
+    async def _prepare(self, conn: ServerConnection) -> None:
+        """Attach CONN and bring its search_path and settings to the client's."""
+        pool = conn.pool
+        conn.attach(self)
+        self.conn = conn
+        try:
+            if conn.state != self.state:
+                await self._sync_state(conn)
+        except PoolError as exc:
+            self._task = None
+            self._drop_conn(conn)
+            self.fatal(exc.sqlstate, str(exc))
+            return
+        except (TimeoutError, p.ConnectionClosed, p.ProtocolViolation):
+            self._task = None
+            self._drop_conn(conn)
+            self.fatal(
+                p.CONNECTION_FAILURE,
+                f"could not prepare a server connection to {pool.destination.describe()} "
+                f"(setting search_path took longer than {pool.settings.schema_set_timeout:g}s "
+                "or the server went away); reconnect",
+            )
+            return
+        except asyncio.CancelledError:
+            self._task = None
+            self._drop_conn(conn)
+            raise
+        self._task = None
+        if self.gone:
+            self._drop_conn(conn)
+            return
+        self._attached(conn)
+
+    def _drop_conn(self, conn: ServerConnection | None) -> None:
+        if conn is None:
+            return
+        if self.conn is conn:
+            self.conn = None
+        conn.detach()
+        conn.pool.release(conn)
+
+    def _startup_for_server(self) -> dict[str, str]:
+        out = {"search_path": self.search_path}
+        for name, value in self.want.items():
+            if value is not None:
+                out[name] = value
+        return out
+
+    async def _sync_state(self, conn: ServerConnection) -> None:
+        """SET search_path (and tracked settings) on CONN where they differ from the client's."""
+        statements: list[str] = []
+        if conn.search_path != self.search_path:
+            statements.append(f"SET search_path TO {self.search_path}")
+        for name, value in self.want.items():
+            if value is not None and conn.params.get(name) != value:
+                statements.append(f"SET {p.quote_ident(name)} TO {p.quote_literal(value)}")
+        if statements:
+            assert self.pool is not None
+            error = await conn.run_internal(
+                "; ".join(statements), self.pool.settings.schema_set_timeout
+            )
+            if error is not None:
+                raise PoolError(
+                    f'could not set search_path to "{self.schema}" on '
+                    f"{conn.pool.destination.describe()}: {error}",
+                    p.INVALID_CATALOG,
+                )
+        conn.search_path = self.search_path
+        # the server's spelling of each setting from now on (e.g. utf-8 -> UTF8)
+        for name in TRACKED:
+            if name in conn.params:
+                self.want[name] = conn.params[name]
+        self.state = (self.search_path, tuple(self.want.get(k) for k in TRACKED))
+        conn.compute_state()
+
+    def _forward(self, conn: ServerConnection, data: bytes) -> None:  # the hot path
+        write = conn.transport.write
+        n = len(data)
+        pos = self._remain
+        if pos:
+            if pos >= n:
+                self._remain = pos - n
+                write(data)
+                return
+            self._remain = 0
+        start = 0
+        txn = self.txn
+        while pos < n:
+            if pos + 5 > n:
+                break
+            kind, length = _HEADER.unpack_from(data, pos)
+            if length < 4 or length > _MAX:
+                self.fatal(
+                    p.PROTOCOL_VIOLATION,
+                    f"invalid message length {length} for message type {chr(kind)!r}",
+                )
+                if conn.syncs or conn.unsynced:
+                    conn.broken = True
+                return
+            end = pos + 1 + length
+            if self._skip_to_sync and kind != _S:
+                if end > n:
+                    break
+                if pos > start:
+                    write(memoryview(data)[start:pos])
+                start = pos = end
+                continue
+            if kind in _COUNTED:
+                if kind == _Q and txn:
+                    if end > n:
+                        break
+                    match = (
+                        SESSION_ONLY.search(data[pos + 5 : end])
+                        if _maybe_session_only(data, pos + 5, end)
+                        else None
+                    )
+                    if match is not None:
+                        if pos > start:
+                            write(memoryview(data)[start:pos])
+                        start = pos = end
+                        self._refuse(match, conn, in_query=True)
+                        continue
+                elif kind == _S:
+                    conn.unsynced = False
+                    self._skip_to_sync = False
+                conn.syncs += 1
+                conn.expect.append(None)
+            elif kind in _EXTENDED:
+                conn.unsynced = True
+                if txn and kind != _E:
+                    if end > n:
+                        break
+                    body = data[pos + 5 : end]
+                    if kind == _P:
+                        match = SESSION_ONLY.search(body[body.index(b"\0") + 1 :])
+                        if match is not None:
+                            if pos > start:
+                                write(memoryview(data)[start:pos])
+                            start = pos = end
+                            self._refuse(match, conn, in_query=False)
+                            continue
+                    replacement = self._rewrite(kind, body, conn)
+                    if replacement is not None:
+                        if pos > start:
+                            write(memoryview(data)[start:pos])
+                        write(replacement)
+                        start = end
+            elif kind == _X:
+                if pos > start:
+                    write(memoryview(data)[start:pos])
+                self.transport.close()
+                return
+            if end > n:
+                self._remain = end - n
+                pos = n
+                break
+            pos = end
+        if pos < n:
+            self._partial = data[pos:]
+            n = pos
+        if start == 0 and n == len(data):
+            write(data)
+        elif n > start:
+            write(memoryview(data)[start:n])
+        # nothing was sent that needs an answer (cheap checks first: this runs per message)
+        if (
+            txn
+            and not conn.syncs
+            and not conn.unsynced
+            and self.conn is conn
+            and conn.idle_clean
+            and not self._partial
+        ):
+            self._release(conn)
+
+    def _refuse(self, match: re.Match[bytes], conn: ServerConnection, *, in_query: bool) -> None:
+        word = (match.group(1) or match.group(2) or match.group(3) or b"").lower()
+        what = _SESSION_ONLY_WHAT.get(word, "session advisory locks")
+        error = p.error_response(
+            p.FEATURE_NOT_SUPPORTED,
+            f"{what} cannot be used in transaction pooling mode: the server connection goes "
+            "back to the pool after each transaction",
+            hint="Use pooler.pool_mode session, or pg_advisory_xact_lock for advisory locks.",
+        )
+        if in_query:
+            status = bytes((conn.status,))
+            self.transport.write(error + p.ready_for_query(status))
+        else:
+            self.transport.write(error)
+            self._skip_to_sync = True
+
+    def _rewrite(self, kind: int, body: bytes, conn: ServerConnection) -> bytes | None:
+        """Named prepared statements: the client's names become per-query server names."""
+        expect = conn.expect
+        if kind == _P:
+            name, pos = p.split_cstring(body)
+            if not name:
+                expect.append((b"", _PC, False))
+                return None
+            rest = body[pos:]
+            sname = self.srv.statement_name(rest)
+            self.statements[name] = (sname, rest)
+            out = b""
+            if sname in conn.prepared or sname in conn.uncertain:
+                conn.prepared.pop(sname, None)
+                conn.uncertain.discard(sname)
+                expect.append((sname, _CC, True))
+                out += p.close_statement(sname)
+            expect.append((sname, _PC, False))
+            out += p.parse_message(sname, rest)
+            old = conn.remember_prepared(sname)
+            if old is not None:
+                expect.append((old, _CC, True))
+                out += p.close_statement(old)
+            return out
+        if kind == _B:
+            portal, pos = p.split_cstring(body)
+            name, pos2 = p.split_cstring(body, pos)
+            entry = self.statements.get(name) if name else None
+            if entry is None:
+                return None
+            sname, rest = entry
+            return self._ensure(conn, sname, rest) + p.message(
+                _B, portal + b"\0" + sname + b"\0" + body[pos2:]
+            )
+        if kind == _D:
+            if body[:1] != b"S":
+                return None
+            name, _ = p.split_cstring(body, 1)
+            entry = self.statements.get(name) if name else None
+            if entry is None:
+                return None
+            sname, rest = entry
+            return self._ensure(conn, sname, rest) + p.message(_D, b"S" + sname + b"\0")
+        # Close
+        if body[:1] == b"S":
+            name, _ = p.split_cstring(body, 1)
+            entry = self.statements.pop(name, None) if name else None
+            if entry is not None:
+                sname = entry[0]
+                conn.prepared.pop(sname, None)
+                expect.append((sname, _CC, False))
+                return p.close_statement(sname)
+        expect.append((b"", _CC, False))
+        return None
+
+    def _ensure(self, conn: ServerConnection, sname: bytes, rest: bytes) -> bytes:
+        prepared = conn.prepared
+        if sname in prepared:
+            prepared.move_to_end(sname)
+            return b""
+        out = b""
+        if sname in conn.uncertain:
+            conn.uncertain.discard(sname)
+            conn.expect.append((sname, _CC, True))
+            out += p.close_statement(sname)
+        conn.expect.append((sname, _PC, True))
+        out += p.parse_message(sname, rest)
+        old = conn.remember_prepared(sname)
+        if old is not None:
+            conn.expect.append((old, _CC, True))
+            out += p.close_statement(old)
+        return out
+
+    def _release(self, conn: ServerConnection) -> None:
+        self.conn = None
+        pool = conn.pool
+        pool.xact_count += 1
+        pool.xact_time += time.monotonic() - conn.attached_at
+        pool.release(conn)
+
+    async def _cleanup(self, conn: ServerConnection) -> None:
+        """The client left while holding CONN: roll back and reset it, or close it."""
+        pool = conn.pool
+        timeout = pool.settings.close_timeout
+        if conn.broken or conn.syncs or conn.unsynced or conn._remain or conn._partial:
+            conn.close()
+            pool.forget(conn)
+            return
+        try:
+            if conn.status != 73:  # not idle: a transaction is open
+                error = await conn.run_internal("ROLLBACK", timeout)
+                if error is not None:
+                    raise p.ConnectionClosed(error)
+            if not self.txn:
+                error = await conn.run_internal("DISCARD ALL", timeout)
+                if error is not None:
+                    raise p.ConnectionClosed(error)
+                conn.prepared.clear()
+                conn.uncertain.clear()
+                conn.search_path = None
+                conn.compute_state()
+        except (TimeoutError, p.ConnectionClosed, p.ProtocolViolation):
+            conn.close()
+            pool.forget(conn)
+            return
+        pool.release(conn)
+
+
+class PoolerServer:
+    """Listeners, pools and clients of one pooler process (one worker)."""
+
+    def __init__(
+        self,
+        config: PoolerConfig,
+        routes: RouteSource,
+        *,
+        worker_id: int = 0,
+        workers: int = 1,
+        runtime_dir: Path | None = None,
+        reload_config: Callable[[], PoolerConfig | None] | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = PoolSettings.from_config(config)
+        self.routes = routes
+        self.worker_id = worker_id
+        self.workers = workers
+        self.runtime_dir = runtime_dir
+        self.reload_config = reload_config
+        self.pools: dict[tuple[str, int, str, str], Pool] = {}
+        self.clients: set[ClientSession] = set()
+        self.by_pid: dict[int, ClientSession] = {}
+        self._next_pid = 0
+        self._statement_ids: dict[bytes, bytes] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self.tls_context = self._make_tls_context(config)
+        self.started_at = time.time()
+        self.sockets: list[socket.socket] = []
+        self.paused = False
+        self.reloads = 0
+
+    # --- setup -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _make_tls_context(config: PoolerConfig) -> ssl.SSLContext | None:
+        if not config.tls_cert_file:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+            if config.tls_ca_file:
+                ctx.load_verify_locations(cafile=config.tls_ca_file)
+                ctx.verify_mode = ssl.CERT_OPTIONAL
+        except (OSError, ssl.SSLError) as exc:
+            from outpost.errors import ConfigError
+
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError(
+                [
+                    "pooler.tls_cert_file/tls_key_file/tls_ca_file: cannot load "
+                    f"the TLS certificate: {reason}"
+                ]
+            ) from None
+        return ctx
+
+    async def start(self, sockets: list[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        self.sockets = sockets
+        for sock in sockets:
+            server = await loop.create_server(lambda: ClientSession(self), sock=sock)
+            self._servers.append(server)
+        if self.runtime_dir is not None and self.workers > 1:
+            path = cancel_socket_path(self.runtime_dir, self.worker_id)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            server = await loop.create_unix_server(lambda: ClientSession(self), str(path))
+            self._servers.append(server)
+        self.spawn(self._maintain())
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for client in list(self.clients):
+            client.fatal(p.ADMIN_SHUTDOWN, "the pooler is shutting down")
+        for pool in self.pools.values():
+            pool.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await server.wait_closed()
+        if self.runtime_dir is not None and self.workers > 1:
+            with contextlib.suppress(OSError):
+                cancel_socket_path(self.runtime_dir, self.worker_id).unlink()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run CORO as a task the server keeps (and cancels on close)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _maintain(self) -> None:
+        tick = 0
+        while True:
+            await asyncio.sleep(0.2)
+            now = time.monotonic()
+            for pool in list(self.pools.values()):
+                pool.expire(now)
+            tick += 1
+            if tick % 5:
+                continue
+            for pool in list(self.pools.values()):
+                pool.maintain(now)
+                missing = min(
+                    pool.settings.min_idle - len(pool.idle), pool.settings.pool_size - pool.total
+                )
+                for _ in range(max(0, missing)):
+                    self.spawn(self._open_idle(pool))
+
+    async def _open_idle(self, pool: Pool) -> None:
+        pool.reserve()
+        try:
+            conn = await pool.open_for_client({})
+        except PoolError as exc:
+            log.warning("min_idle: %s", exc)
+            return
+        pool.release(conn)
+
+    # --- clients ------------------------------------------------------------------------------
+
+    @property
+    def client_count(self) -> int:
+        return len(self.clients)
+
+    def add_client(self, client: ClientSession) -> None:
+        self.clients.add(client)
+
+    def remove_client(self, client: ClientSession) -> None:
+        self.clients.discard(client)
+        if client.pid:
+            self.by_pid.pop(client.pid, None)
+
+    def new_backend_key(self, client: ClientSession) -> tuple[int, int]:
+        """Our own BackendKeyData: the worker id in the top bits, a counter, a random key."""
+        while True:
+            self._next_pid = (self._next_pid + 1) & 0xFFFFFF
+            pid = ((self.worker_id + 1) << 24) | self._next_pid
+            if pid not in self.by_pid and self._next_pid:
+                break
+        key = secrets.randbits(31)
+        self.by_pid[pid] = client
+        return pid, key
+
+    async def cancel(self, pid: int, key: int) -> None:
+        """A CancelRequest: reach the backend running the client's query, wherever it is."""
+        worker = (pid >> 24) - 1
+        if worker != self.worker_id:
+            if self.runtime_dir is not None and 0 <= worker < self.workers:
+                await forward_cancel(self.runtime_dir, worker, pid, key)
+            return
+        client = self.by_pid.get(pid)
+        if client is None or not secrets.compare_digest(
+            key.to_bytes(4, "big", signed=True), client.key.to_bytes(4, "big", signed=True)
+        ):
+            return
+        conn = client.conn
+        if conn is None or not conn.backend_pid:
+            return
+        await send_cancel(
+            conn.pool.destination,
+            conn.backend_pid,
+            conn.backend_key,
+            conn.pool.settings.connect_timeout,
+        )
+
+    # --- pools and routes -------------------------------------------------------------------
+
+    def pool_for(self, dest: Destination) -> Pool:
+        pool = self.pools.get(dest.pool_key)
+        if pool is None or pool.destination != dest:
+            if pool is not None:  # the destination changed (password, TLS): a fresh pool
+                pool.close()
+            pool = Pool(dest, self.settings)
+            pool.paused = self.paused
+            self.pools[dest.pool_key] = pool
+        return pool
+
+    async def server_defaults(self, pool: Pool, search_path: str) -> dict[str, str]:
+        """The server's ParameterStatus values (from the first login to it)."""
+        if pool.defaults is None:
+            conn = await pool.acquire((None, ()), {"search_path": search_path})
+            pool.release(conn)
+        assert pool.defaults is not None
+        return pool.defaults
+
+    def statement_name(self, rest: bytes) -> bytes:
+        """One server-side name per (query text, parameter types)."""
+        name = self._statement_ids.get(rest)
+        if name is None:
+            name = b"_outpost_%d" % len(self._statement_ids)
+            self._statement_ids[rest] = name
+        return name
+
+    # --- admin operations ----------------------------------------------------------------------
+
+    async def reload(self) -> str:
+        """SIGHUP / RELOAD: re-read settings and routes; clients stay connected."""
+        self.reloads += 1
+        if self.reload_config is not None:
+            new = self.reload_config()
+            if new is not None:
+                if new.listen_addresses != self.config.listen_addresses:
+                    log.warning("pooler.listen_addresses changed; restart the pooler to apply it")
+                if new.workers != self.config.workers:
+                    log.warning("pooler.workers changed; restart the pooler to apply it")
+                self.config = new
+                settings = PoolSettings.from_config(new)
+                settings.pool_mode = self.settings.pool_mode
+                if new.pool_mode != self.settings.pool_mode:
+                    log.warning("pooler.pool_mode changed; restart the pooler to apply it")
+                self.settings = settings
+                for pool in self.pools.values():
+                    pool.settings = settings
+                try:
+                    self.tls_context = self._make_tls_context(new)
+                except Exception as exc:
+                    log.error("reload: %s; keeping the previous TLS certificate", exc)
+        try:
+            await self.routes.reload()
+        except RouteError as exc:
+            log.error("reload: the routes could not be re-read: %s", exc)
+            return f"routes not reloaded: {exc}"
+        log.info("pooler configuration and routes reloaded")
+        return "RELOAD"
+
+    async def pause(self) -> None:
+        """Stop handing out server connections and wait until none is in use."""
+        self.paused = True
+        for pool in self.pools.values():
+            pool.paused = True
+        while any(pool.active for pool in self.pools.values()):
+            await asyncio.sleep(0.05)
+
+    def resume(self) -> None:
+        self.paused = False
+        for pool in self.pools.values():
+            pool.resume()
+
+
+def cancel_socket_path(runtime_dir: Path, worker: int) -> Path:
+    return runtime_dir / f"cancel-{worker}.sock"
+
+
+async def forward_cancel(runtime_dir: Path, worker: int, pid: int, key: int) -> None:
+    """Hand a cancel request to the worker that owns the client (its unix socket)."""
+    path = cancel_socket_path(runtime_dir, worker)
+    try:
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(p.cancel_request(pid, key))
+            await writer.drain()
+            await reader.read()  # the worker closes the connection once the cancel is sent
+            writer.close()
+    except (OSError, TimeoutError) as exc:
+        log.warning("could not forward a cancel request to worker %d: %s", worker, exc)
+
+
+async def send_cancel(dest: Destination, pid: int, key: int, timeout: float) -> None:
+    """Send PostgreSQL a CancelRequest for backend PID (TLS per the destination's sslmode)."""
+    loop = asyncio.get_running_loop()
+    conn = p.FramedProtocol()
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.create_connection(lambda: conn, dest.host, dest.port)
+            await negotiate_server_tls(conn, dest)
+            conn.transport.write(p.cancel_request(pid, key))
+            with contextlib.suppress(p.ConnectionClosed):
+                await conn.read_exactly(1)  # the server closes the connection when done
+    except (OSError, TimeoutError, PoolError, ssl.SSLError) as exc:
+        log.warning("cancel request to %s failed: %s", dest.describe(), exc)
+    finally:
+        transport = getattr(conn, "transport", None)
+        if transport is not None:
+            transport.close()
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+def bind_listeners(addresses: list[str], *, reuse_port: bool = False) -> list[socket.socket]:
+    """Listening sockets for HOST:PORT addresses (SO_REUSEPORT for several workers)."""
+    from outpost.config import split_host_port
+    from outpost.errors import OutpostError
+
+    sockets: list[socket.socket] = []
+    for address in addresses:
+        host, port = split_host_port(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            for s in sockets:
+                s.close()
+            raise OutpostError(
+                f"Cannot listen on {address} (pooler.listen_addresses): {exc.strerror}; "
+                "stop the other process or change the address."
+            ) from None
+        sock.listen(1024)
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets
+
+
+async def serve_pooler(
+    loaded: LoadedConfig,
+    route_source: RouteSource,
+    *,
+    stop: asyncio.Event,
+    reload: asyncio.Event | None = None,
+    config_arg: str | None = None,
+    sockets: list[socket.socket] | None = None,
+    worker_id: int = 0,
+    workers: int = 1,
+    runtime_dir: Path | None = None,
+    on_started: Callable[[PoolerServer], None] | None = None,
+    overrides: dict[str, object] | None = None,
+) -> None:
+    """Run the pooler until STOP is set; RELOAD (when given) re-reads settings and routes.
+
+    Inside ``outpost serve``: ``await serve_pooler(loaded, open_route_source(loaded, key=key),
+    stop=stop_event, reload=pooler_reload_event, config_arg=config_arg)``. OVERRIDES (settings
+    given on the command line) are kept over the file's values on reload.
+    """
+    from outpost.config import load_config
+    from outpost.errors import ConfigError
+
+    config = loaded.config.pooler
+    if config is None:
+        from outpost.config import PoolerConfig
+
+        config = PoolerConfig()
+
+    def reread() -> PoolerConfig | None:
+        try:
+            new = load_config(config_arg)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running pooler settings: %s", exc)
+            return None
+        fresh = new.config.pooler or config
+        if overrides:  # --listen/--workers given on the command line stay in force
+            fresh = fresh.model_copy(update=overrides)
+        return fresh
+
+    own_sockets = sockets is None
+    if sockets is None:
+        sockets = bind_listeners(config.listen_addresses)
+    srv = PoolerServer(
+        config,
+        route_source,
+        worker_id=worker_id,
+        workers=workers,
+        runtime_dir=runtime_dir,
+        reload_config=reread,
+    )
+    await srv.start(sockets)
+    addresses = ", ".join(_address(s) for s in sockets)
+    log.info(
+        "pooler listening on %s (worker %d, pid %d, %s mode)",
+        addresses,
+        worker_id,
+        os.getpid(),
+        srv.settings.pool_mode,
+    )
+    if on_started is not None:
+        on_started(srv)
+    reloader: asyncio.Task[None] | None = None
+    if reload is not None:
+        reload_event = reload
+
+        async def reload_loop() -> None:
+            while True:
+                await reload_event.wait()
+                reload_event.clear()
+                await srv.reload()
+
+        reloader = asyncio.get_running_loop().create_task(reload_loop())
+    try:
+        await stop.wait()
+    finally:
+        if reloader is not None:
+            reloader.cancel()
+        await srv.close()
+        with contextlib.suppress(Exception):
+            await route_source.close()
+        if own_sockets:
+            for sock in sockets:
+                sock.close()
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def install_signals(stop: asyncio.Event, reload: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)

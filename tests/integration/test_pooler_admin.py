@@ -1,0 +1,264 @@
+"""The console (SHOW …, PAUSE/RESUME, RELOAD), metrics, and `outpost pooler serve` as a real
+process: routes from the agent's store, SIGHUP reload without dropping clients, two workers
+with SO_REUSEPORT and cancel requests that land on the other worker."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from outpost.config import PoolerConfig
+from outpost.pooler.admin import POOLS_COLUMNS, PoolerCollector
+from outpost.pooler.routes import StaticRoutes
+from tests.helpers import OUTPOST, Agent, free_port, wait_for
+from tests.integration.test_pooler_support import (
+    PASSWORD,
+    USER,
+    RunningPooler,
+    TenantDb,
+    running_pooler,
+    tenant_db,  # noqa: F401 - fixture
+)
+
+pytestmark = pytest.mark.integration
+
+PGBOUNCER_POOLS = [
+    "database", "user", "cl_active", "cl_waiting", "cl_active_cancel_req",
+    "cl_waiting_cancel_req", "sv_active", "sv_active_cancel", "sv_being_canceled", "sv_idle",
+    "sv_used", "sv_tested", "sv_login", "maxwait", "maxwait_us", "pool_mode",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pooler(tenant_db: TenantDb) -> Iterator[RunningPooler]:  # noqa: F811
+    config = PoolerConfig(pool_size=2, admin_users=["admin"])
+    with running_pooler(config, StaticRoutes(tenant_db.routes())) as running:
+        yield running
+
+
+def _console(port: int, database: str = "outpost", user: str = "admin") -> Any:
+    return psycopg.connect(
+        host="127.0.0.1", port=port, user=user, dbname=database, sslmode="disable", autocommit=True
+    )
+
+
+def _show(console: Any, command: str) -> tuple[list[str], list[tuple[str | None, ...]]]:
+    """Run a console command with the simple protocol (as psql does)."""
+    result = console.pgconn.exec_(command.encode())
+    if result.error_message:
+        raise AssertionError(result.error_message.decode())
+    columns = [result.fname(i).decode() for i in range(result.nfields)]
+    rows = [
+        tuple(
+            None if result.get_value(r, c) is None else result.get_value(r, c).decode()
+            for c in range(result.nfields)
+        )
+        for r in range(result.ntuples)
+    ]
+    return columns, rows
+
+
+def test_console_shows_pools_clients_servers_stats_routes(pooler: RunningPooler) -> None:
+    with psycopg.connect(**pooler.conninfo(options="-csearch_path=tenant_a")) as client:
+        client.execute("SELECT 1")  # holds a server: a transaction is open
+        with _console(pooler.port) as console:
+            columns, rows = _show(console, "SHOW POOLS")
+            assert columns == PGBOUNCER_POOLS == [name for name, _ in POOLS_COLUMNS]
+            (pool,) = rows
+            assert pool[1] == "postgres" and pool[-1] == "transaction"
+            assert pool[6] == "1"  # sv_active
+            columns, rows = _show(console, "SHOW CLIENTS")
+            assert columns[:4] == ["type", "user", "database", "state"]
+            assert ("C", USER, "app/tenant_a") in {row[:3] for row in rows}
+            columns, rows = _show(console, "SHOW SERVERS")
+            assert {row[3] for row in rows} == {"active"}
+            assert all(row[15] and int(row[15]) > 0 for row in rows)  # remote_pid
+            columns, rows = _show(console, "SHOW STATS")
+            assert columns[:3] == ["database", "total_xact_count", "total_query_count"]
+            columns, rows = _show(console, "SHOW ROUTES")
+            assert {(r[0], r[1], r[2]) for r in rows} >= {("app", "tenant_a", USER)}
+            assert all("password" not in str(r) for r in rows)
+            with pytest.raises(AssertionError, match="unknown console command"):
+                _show(console, "SHOW NONSENSE")
+        client.rollback()
+    with _console(pooler.port, database="pgbouncer") as console:  # the alias
+        _columns, rows = _show(console, "SHOW STATS")
+        assert int(str(rows[0][1])) >= 1  # total_xact_count
+
+
+def test_console_refuses_non_admins(pooler: RunningPooler) -> None:
+    with pytest.raises(psycopg.OperationalError, match="may not use the pooler console"):
+        _console(pooler.port, user=USER)
+
+
+def test_pause_holds_new_transactions_until_resume(pooler: RunningPooler) -> None:
+    with (
+        _console(pooler.port) as console,
+        psycopg.connect(**pooler.conninfo(), autocommit=True) as client,
+    ):
+        _show(console, "PAUSE")
+        result: dict[str, Any] = {}
+        thread = threading.Thread(
+            target=lambda: result.update(row=client.execute("SELECT 'after'").fetchone())
+        )
+        thread.start()
+        wait_for(
+            lambda: _show(console, "SHOW POOLS")[1][0][3] == "1",  # cl_waiting
+            what="the client to wait while paused",
+        )
+        assert "row" not in result
+        _show(console, "RESUME")
+        thread.join(20)
+        assert result["row"] == ("after",)
+
+
+def test_prometheus_metrics(pooler: RunningPooler) -> None:
+    with psycopg.connect(**pooler.conninfo(), autocommit=True) as client:
+        client.execute("SELECT 1")
+    assert pooler.server is not None
+    registry = CollectorRegistry()
+    registry.register(PoolerCollector(pooler.server))
+    text = pooler.call(_latest(registry))
+    assert "outpost_pooler_transactions_total{pool=" in text
+    assert 'outpost_pooler_server_connections{pool="' in text
+    assert "outpost_pooler_client_wait_timeouts_total" in text
+
+
+async def _latest(registry: CollectorRegistry) -> str:
+    return generate_latest(registry).decode()
+
+
+# --- `outpost pooler serve` as a process ---------------------------------------------------------
+
+
+@pytest.fixture
+def agent_with_route(tmp_path: Path, tenant_db: TenantDb) -> Agent:  # noqa: F811
+    agent = Agent(tmp_path / "agent").with_key()
+    agent.config["pooler"] = {"admin_users": ["admin"], "pool_size": 3}
+    agent.write_config()
+    agent.ok(
+        "connections", "add", "postgres", "--name", "tenants", "--host", tenant_db.host,
+        "--port", str(tenant_db.port), "--user", tenant_db.user, "--database", tenant_db.name,
+    )  # fmt: skip
+    for schema in ("tenant_a", "tenant_b"):
+        agent.ok(
+            "pooler", "routes", "add", "--database", "app", "--schema", schema, "--user", USER,
+            "--to", "tenants", "--password-env", "ROUTE_PW", env={"ROUTE_PW": PASSWORD},
+        )  # fmt: skip
+    return agent
+
+
+def _serve(agent: Agent, *args: str) -> tuple[subprocess.Popen[str], int]:
+    port = free_port()
+    log = open(agent.root / "pooler.log", "a")  # noqa: SIM115 - owned by the process
+    proc = subprocess.Popen(
+        [*OUTPOST, "pooler", "serve", "--listen", f"127.0.0.1:{port}", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=agent.env(),
+    )
+
+    def up() -> bool:
+        assert proc.poll() is None, (agent.root / "pooler.log").read_text()
+        try:
+            with _console(port):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    wait_for(up, what="the pooler to accept connections")
+    return proc, port
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+def _conninfo(port: int, schema: str) -> dict[str, Any]:
+    return {
+        "host": "127.0.0.1",
+        "port": port,
+        "user": USER,
+        "password": PASSWORD,
+        "dbname": "app",
+        "sslmode": "disable",
+        "options": f"-csearch_path={schema}",
+        "autocommit": True,
+    }
+
+
+def test_serve_with_store_routes_and_sighup_reload(agent_with_route: Agent) -> None:
+    agent = agent_with_route
+    proc, port = _serve(agent)
+    try:
+        with psycopg.connect(**_conninfo(port, "tenant_a")) as client:
+            assert client.execute("SELECT name FROM whoami").fetchone() == ("tenant_a",)
+            agent.config["pooler"]["pool_size"] = 7
+            agent.write_config()
+            proc.send_signal(signal.SIGHUP)
+            with _console(port) as console:
+                wait_for(
+                    lambda: _show(console, "SHOW DATABASES")[1][0][5] == "7",
+                    what="pool_size 7 after SIGHUP",
+                )
+            # the client stayed connected through the reload
+            assert client.execute("SELECT name FROM whoami").fetchone() == ("tenant_a",)
+        with psycopg.connect(**_conninfo(port, "tenant_b")) as other:
+            assert other.execute("SELECT name FROM whoami").fetchone() == ("tenant_b",)
+    finally:
+        _stop(proc)
+
+
+def test_two_workers_share_the_port_and_cancel_across_workers(agent_with_route: Agent) -> None:
+    proc, port = _serve(agent_with_route, "--workers", "2")
+    clients: list[psycopg.Connection[tuple[Any, ...]]] = []
+    try:
+        workers_seen: set[int] = set()
+        for _ in range(40):
+            conn = psycopg.connect(**_conninfo(port, "tenant_a"))
+            clients.append(conn)
+            workers_seen.add(conn.info.backend_pid >> 24)
+            if len(workers_seen) == 2 and len(clients) >= 6:
+                break
+        assert workers_seen == {1, 2}, "both workers accept connections"
+        # every client's cancel request reaches its backend, whichever worker receives it
+        for conn in clients[:6]:
+            outcome: dict[str, str] = {}
+
+            def slow(c: Any = conn, out: dict[str, str] = outcome) -> None:
+                try:
+                    c.execute("SELECT pg_sleep(30)")
+                    out["result"] = "finished"
+                except psycopg.errors.QueryCanceled:
+                    out["result"] = "canceled"
+
+            thread = threading.Thread(target=slow)
+            thread.start()
+            with psycopg.connect(**_conninfo(port, "tenant_b")) as watcher:
+
+                def started(w: psycopg.Connection[tuple[Any, ...]] = watcher) -> bool:
+                    row = w.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+                        " AND query = 'SELECT pg_sleep(30)'"
+                    ).fetchone()
+                    return row == (1,)
+
+                wait_for(started, what="the slow query to start")
+            conn.cancel_safe()
+            thread.join(30)
+            assert outcome == {"result": "canceled"}
+        assert proc.poll() is None  # the supervisor is still running
+    finally:
+        for conn in clients:
+            conn.close()
+        _stop(proc)
