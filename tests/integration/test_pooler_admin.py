@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -262,3 +263,41 @@ def test_two_workers_share_the_port_and_cancel_across_workers(agent_with_route: 
         for conn in clients:
             conn.close()
         _stop(proc)
+
+
+def test_outpost_serve_runs_the_pooler_of_its_config(agent_with_route: Agent) -> None:
+    agent = agent_with_route
+    port = free_port()
+    agent.config["pooler"]["listen_addresses"] = [f"127.0.0.1:{port}"]
+    agent.write_config()
+    with agent.serving() as proc:
+        wait_for(lambda: f"127.0.0.1:{port}" in agent.log(), what="the pooler to listen")
+        with psycopg.connect(**_conninfo(port, "tenant_a")) as client:
+            assert client.execute("SELECT name FROM whoami").fetchone() == ("tenant_a",)
+            # a route added while the agent runs (through its API) is served without a restart
+            agent.ok(
+                "pooler", "routes", "add", "--database", "app", "--schema", "tenant_c",
+                "--user", USER, "--to", "tenants", "--password-env", "ROUTE_PW",
+                env={"ROUTE_PW": PASSWORD},
+            )  # fmt: skip
+
+            def tenant_c() -> bool:
+                try:
+                    with psycopg.connect(**_conninfo(port, "tenant_c")) as other:
+                        return other.execute("SELECT name FROM whoami").fetchone() == ("tenant_c",)
+                except psycopg.OperationalError:
+                    return False
+
+            wait_for(tenant_c, what="the new route to be served")
+            # SIGHUP reloads the pooler's settings; the connected client stays
+            agent.config["pooler"]["pool_size"] = 5
+            agent.write_config()
+            proc.send_signal(signal.SIGHUP)
+            with _console(port) as console:
+                wait_for(
+                    lambda: _show(console, "SHOW DATABASES")[1][0][5] == "5",
+                    what="pool_size 5 after SIGHUP",
+                )
+            assert client.execute("SELECT name FROM whoami").fetchone() == ("tenant_a",)
+        metrics = httpx.get(f"{agent.url}/metrics", timeout=10).text
+        assert "outpost_pooler_" in metrics

@@ -19,7 +19,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import uvicorn
@@ -34,6 +34,9 @@ from outpost.jobs.ledger import JobLedger
 from outpost.link.errors import TokenRejected
 from outpost.link.session import HQLink, check_config, link_wanted
 from outpost.logs import setup_logging
+from outpost.pooler.admin import PoolerCollector
+from outpost.pooler.server import PoolerServer, serve_pooler
+from outpost.pooler.workers import open_routes
 
 log = logging.getLogger("outpost.agent")
 
@@ -112,6 +115,8 @@ class AgentRuntime:
         self.link_task: asyncio.Task[None] | None = None
         self.executor: Executor | None = None
         self.ledger: JobLedger | None = None
+        self.pooler_task: asyncio.Task[None] | None = None
+        self.pooler_reload = asyncio.Event()
 
     # --- startup ------------------------------------------------------------------------
 
@@ -209,12 +214,17 @@ class AgentRuntime:
         reloader = asyncio.create_task(self._reload_loop(state))
         if link_wanted(service):
             self._start_link(service)
+        if cfg.pooler is not None:
+            self._start_pooler(state)
         await self.stop_event.wait()
         log.info("stopping: draining requests")
         state.draining = True
         checker.cancel()
         reloader.cancel()
         await self._stop_link()
+        if self.pooler_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.pooler_task
         server.should_exit = True
         await server_task
         with contextlib.suppress(asyncio.CancelledError):
@@ -249,6 +259,29 @@ class AgentRuntime:
         if self.ledger is not None:
             self.ledger.close()
 
+    # --- the pooler (when the config has a pooler section; one process: workers is ignored) -----
+
+    def _start_pooler(self, state: AgentState) -> None:
+        def started(srv: PoolerServer) -> None:
+            state.metrics.registry.register(PoolerCollector(srv))
+
+        self.pooler_task = asyncio.create_task(self._run_pooler(started), name="pooler")
+
+    async def _run_pooler(self, started: Callable[[PoolerServer], None]) -> None:
+        try:
+            await serve_pooler(
+                self.loaded,
+                open_routes(self.loaded),
+                stop=self.stop_event,
+                reload=self.pooler_reload,
+                config_arg=self.config_arg,
+                on_started=started,
+            )
+        except OutpostError as exc:
+            log.error("the pooler stopped: %s Stopping the agent.", exc.message)
+            self.exit_code = 1
+            self.stop_event.set()
+
     # --- background loops --------------------------------------------------------------------
 
     async def _check_loop(self, state: AgentState) -> None:
@@ -273,6 +306,7 @@ class AgentRuntime:
             await self.reload_requested.wait()
             self.reload_requested.clear()
             self.reload(state)
+            self.pooler_reload.set()
             try:
                 if self.link is not None:
                     await self.link.refresh()

@@ -21,21 +21,17 @@ import time
 from pathlib import Path
 
 from outpost.config import LoadedConfig, PoolerConfig
+from outpost.crypto import load_key_file
 from outpost.errors import OutpostError
 from outpost.logs import setup_logging
 from outpost.pooler.routes import RouteSource
+from outpost.pooler.sources import open_route_source
 
 log = logging.getLogger("outpost.pooler")
 
 
 def open_routes(loaded: LoadedConfig) -> RouteSource:
     """The route source from the configuration (the agent's store and/or perseus_auth)."""
-    from outpost.crypto import load_key_file
-
-    try:
-        from outpost.pooler.sources import open_route_source
-    except ImportError as exc:  # pragma: no cover - until the routes module lands
-        raise OutpostError(f"the pooler's route sources are not available: {exc}") from None
     key = load_key_file(loaded.config.key_path) if loaded.config.key_path else None
     return open_route_source(loaded, key=key)
 
