@@ -33,9 +33,11 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """The system's Chromium, headless, through Playwright's sync API."""
+    """The system's Chromium, headless, through Playwright's sync API. Module scope: Playwright's
+    sync API keeps an event loop running in the main thread until it stops, which would break
+    every later test that runs its own loop."""
     if not CHROMIUM.exists():
         service_missing(f"Chromium is not installed at {CHROMIUM}; install the chromium package")
     with sync_playwright() as playwright:
