@@ -4,6 +4,7 @@ many tenants on one destination, prepared statements, COPY, cancel, disconnects.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import socket
@@ -139,6 +140,31 @@ def test_many_tenants_share_two_server_connections_and_each_sees_its_own_schema(
         t.join(120)
     assert errors == []
     assert all(active + idle <= 2 for active, idle in pooler.pool_stats())
+
+
+def test_a_clients_own_search_path_never_reaches_another_tenant(pooler: RunningPooler) -> None:
+    """A tenant_a client that points search_path at tenant_b (SET, set_config, RESET ALL) keeps
+    it for its transaction only; the next client of that server connection gets its own schema."""
+    changes = [
+        "SET search_path TO tenant_b",
+        "SELECT set_config('search_path', 'tenant_b', false)",
+        "SET Search_Path = tenant_b",
+    ]
+    for change in changes:
+        with psycopg.connect(
+            **pooler.conninfo(options="-csearch_path=tenant_a"), autocommit=True
+        ) as first:
+            with first.transaction():
+                first.execute(change)
+                row = first.execute("SELECT name FROM whoami").fetchone()
+                assert row == ("tenant_b",)  # inside its own transaction the change holds
+            # the next transaction, even of the same client, is back on its tenant's schema
+            assert first.execute("SELECT name FROM whoami").fetchone() == ("tenant_a",)
+        for _ in range(4):  # pool_size 2: every server connection is reused
+            with psycopg.connect(
+                **pooler.conninfo(options="-csearch_path=tenant_a"), autocommit=True
+            ) as other:
+                assert other.execute("SELECT name FROM whoami").fetchone() == ("tenant_a",), change
 
 
 def test_psycopg_prepared_statements_on_any_server_connection(pooler: RunningPooler) -> None:
@@ -396,3 +422,30 @@ def test_idle_server_connections_follow_min_idle_and_max_idle_time(
 async def _idle_pids(pooler: RunningPooler) -> set[int]:
     assert pooler.server is not None
     return {c.backend_pid for pool in pooler.server.pools.values() for c in pool.idle}
+
+
+def test_a_changed_destination_password_cuts_no_client_off(
+    tenant_db: TenantDb,  # noqa: F811
+) -> None:
+    """A rotated destination secret (new password, same server and role) takes effect for new
+    server connections; a client in the middle of a transaction finishes it undisturbed."""
+    routes = StaticRoutes(tenant_db.routes())
+    with running_pooler(PoolerConfig(pool_size=2), routes) as pooler:
+        busy = psycopg.connect(**pooler.conninfo(options="-csearch_path=tenant_a"))
+        try:
+            assert busy.execute("SELECT name FROM whoami").fetchone() == ("tenant_a",)
+            # the transaction is open; the destination's password changes at the source
+            rotated = dataclasses.replace(
+                tenant_db.destination(sslmode="disable"), password="rotated-secret"
+            )
+            routes.replace(dataclasses.replace(r, destination=rotated) for r in tenant_db.routes())
+            with psycopg.connect(
+                **pooler.conninfo(options="-csearch_path=tenant_b"), autocommit=True
+            ) as newcomer:  # looks up the route: the pool now logs in with the new password
+                assert newcomer.execute("SELECT name FROM whoami").fetchone() == ("tenant_b",)
+            assert busy.execute("SELECT count(*) FROM whoami").fetchone() == (1,)
+            busy.commit()
+            assert busy.execute("SELECT name FROM whoami").fetchone() == ("tenant_a",)
+            busy.commit()
+        finally:
+            busy.close()

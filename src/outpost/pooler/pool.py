@@ -176,6 +176,7 @@ class ServerConnection(p.FramedProtocol):
         "created_at",
         "expect",
         "forwarding",
+        "generation",
         "last_used",
         "local",
         "params",
@@ -194,6 +195,7 @@ class ServerConnection(p.FramedProtocol):
     def __init__(self, pool: Pool) -> None:
         super().__init__()
         self.pool = pool
+        self.generation = pool.generation  # the destination it logged in to (see Pool.redirect)
         self.client: ClientLink | None = None
         self.params: dict[str, str] = {}
         self.backend_pid = 0
@@ -332,6 +334,11 @@ class ServerConnection(p.FramedProtocol):
     def compute_state(self) -> None:
         self.state = (self.search_path, tuple(self.params.get(k) for k in TRACKED))
 
+    def forget_search_path(self) -> None:
+        """The client may have changed search_path: set it again before the next handout."""
+        self.search_path = None
+        self.compute_state()
+
     def attach(self, client: ClientLink) -> None:
         self.client = client
         self.forwarding = True
@@ -424,6 +431,7 @@ class Pool:
         self.paused = False
         self._on_change = on_change
         self.closed = False
+        self.generation = 0
         # statistics (SHOW STATS, metrics)
         self.xact_count = 0
         self.query_count = 0
@@ -556,7 +564,7 @@ class Pool:
         self.active.discard(conn)
         conn.detach()
         conn.last_used = time.monotonic()
-        if not conn.idle_clean or self.closed:
+        if not conn.idle_clean or self.closed or conn.generation != self.generation:
             conn.close()
             self._wake_one()
             return
@@ -676,6 +684,17 @@ class Pool:
         while len(keep) > s.max_idle:
             keep.pop(0).close()
         self.idle = keep
+
+    def redirect(self, destination: Destination) -> None:
+        """The same server and role with a new password or TLS settings (a rotated secret, a
+        renewed IAM token, `connections edit`): new connections use DESTINATION; idle ones close
+        now, busy ones when their transaction is over. No client is cut off."""
+        self.destination = destination
+        self.generation += 1
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+        self._wake_one()
 
     def close(self) -> None:
         self.closed = True

@@ -47,6 +47,10 @@ LOGIN_TIMEOUT = 60.0
 SESSION_ONLY = re.compile(
     rb"(?is)(?:^|;)\s*(listen)\b|\b(pg_(?:try_)?advisory_lock(?:_shared)?)\s*\(|\bwith\s+(hold)\b"
 )
+#: A statement that may change search_path behind the pooler's back (SET, set_config, RESET ALL,
+#: DISCARD ALL): the server connection's search_path is then unknown and is set again before the
+#: connection serves another transaction, so one tenant never inherits another's schema.
+TOUCHES_SEARCH_PATH = re.compile(rb"(?i)search_path|\breset\s+all\b|\bdiscard\b")
 _SESSION_ONLY_WHAT = {
     b"listen": "LISTEN",
     b"hold": "WITH HOLD cursors",
@@ -577,6 +581,8 @@ class ClientSession(p.FramedProtocol):
                 if kind == _Q and txn:
                     if end > n:
                         break
+                    if TOUCHES_SEARCH_PATH.search(data, pos + 5, end) is not None:
+                        conn.forget_search_path()
                     match = (
                         SESSION_ONLY.search(data[pos + 5 : end])
                         if _maybe_session_only(data, pos + 5, end)
@@ -600,6 +606,8 @@ class ClientSession(p.FramedProtocol):
                         break
                     body = data[pos + 5 : end]
                     if kind == _P:
+                        if TOUCHES_SEARCH_PATH.search(body) is not None:
+                            conn.forget_search_path()
                         match = SESSION_ONLY.search(body[body.index(b"\0") + 1 :])
                         if match is not None:
                             if pos > start:
@@ -938,12 +946,12 @@ class PoolerServer:
 
     def pool_for(self, dest: Destination) -> Pool:
         pool = self.pools.get(dest.pool_key)
-        if pool is None or pool.destination != dest:
-            if pool is not None:  # the destination changed (password, TLS): a fresh pool
-                pool.close()
+        if pool is None:
             pool = Pool(dest, self.settings)
             pool.paused = self.paused
             self.pools[dest.pool_key] = pool
+        elif pool.destination != dest:  # new password or TLS settings: busy clients carry on
+            pool.redirect(dest)
         return pool
 
     async def server_defaults(self, pool: Pool, search_path: str) -> dict[str, str]:
