@@ -188,6 +188,17 @@ class PoolerConfig(Section):
     tls_ca_file: str | None = None
     workers: int = Field(1, ge=1, le=64)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_or_alias(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, info in cls.model_fields.items():
+                if info.alias and name in data and info.alias in data:
+                    raise ValueError(
+                        f"give either {name} or its Perseus name {info.alias}, not both"
+                    )
+        return data
+
 
 class AWSCredentialsConfig(Section):
     """Defaults for the aws-secretsmanager and aws-rds-iam sources (boto3's chain otherwise)."""

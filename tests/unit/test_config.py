@@ -179,6 +179,16 @@ def test_pooler_accepts_perseus_aliases(clean_env: Path, tmp_path: Path) -> None
     assert cfg.pooler.pool_mode == "session"
 
 
+def test_pooler_name_and_alias_together_is_one_clear_error(clean_env: Path, tmp_path: Path) -> None:
+    path = write(tmp_path / "agent.json", {"pooler": {"pool_size": 3, "max_open_conns": 4}})
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    message = str(err.value)
+    assert "pooler" in message
+    assert "give either pool_size or its Perseus name max_open_conns, not both" in message
+    assert "unknown key" not in message
+
+
 def test_storage_backend_must_be_configured(clean_env: Path, tmp_path: Path) -> None:
     path = write(tmp_path / "agent.json", {"storage": {"backend": "s3"}})
     with pytest.raises(ConfigError) as err:
