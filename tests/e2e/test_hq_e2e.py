@@ -182,13 +182,13 @@ def test_query_and_inspect_through_hq_match_the_driver(
 
         # MariaDB: query and inspect
         table = f"e2e_{uuid.uuid4().hex[:8]}"
-        conn = pymysql.connect(
+        mconn = pymysql.connect(
             host=str(mysql_params["host"]), port=int(str(mysql_params["port"])),
             user=str(mysql_params["user"]), password=str(mysql_params["password"]),
             database=str(mysql_params["database"]), autocommit=True,
         )  # fmt: skip
         try:
-            with conn.cursor() as cur:
+            with mconn.cursor() as cur:
                 cur.execute(f"CREATE TABLE {table} (id INT PRIMARY KEY, label VARCHAR(20) NULL)")
                 cur.execute(f"INSERT INTO {table} VALUES (1, 'one'), (2, NULL)")
             job = _run(hq, agent="site-a", connection="shop", kind="query",
@@ -203,9 +203,9 @@ def test_query_and_inspect_through_hq_match_the_driver(
             names = [t["name"] for s in job["result"]["schemas"] for t in s["tables"]]
             assert table in names
         finally:
-            with conn.cursor() as cur:
+            with mconn.cursor() as cur:
                 cur.execute(f"DROP TABLE {table}")
-            conn.close()
+            mconn.close()
 
 
 def test_no_password_or_option_reaches_hq(
@@ -279,7 +279,7 @@ def test_hq_killed_mid_job_every_job_ends_once(
     states = [j["state"] for j in jobs]
     assert set(states) <= {"succeeded", "failed"}, states
     with psycopg.connect(pg_dsn) as conn:
-        counts = dict(
+        counts: dict[str, int] = dict(
             conn.execute(f"SELECT tag, count(*) FROM {pg_schema}.runs GROUP BY tag").fetchall()
         )
     for tag, job in zip(tags, jobs, strict=True):

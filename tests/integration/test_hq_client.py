@@ -1,10 +1,9 @@
 """`outpost.client.HQClient` and `outpost hq agents|connections|query|inspect|test|jobs` against a
 real HQ (`outpost hq serve` as a subprocess, SQLite).
 
-Jobs that need an agent are answered by ``ScriptedAgent``: a WebSocket client speaking the agent
-protocol (Hello, heartbeats, JobAccepted, ResultChunk, JobFinished) with made-up results, so the
-client's paging, waiting and printing are tested against HQ's real storage and API. Query and
-inspect against real databases through a real agent are in tests/e2e/test_hq_e2e.py.
+Jobs that need an agent are run by a real one (`outpost serve`, logged in to that HQ) with a
+connection to the local PostgreSQL: paging, waiting, printing, failures and cancelling are seen
+as a user sees them, down to the statement on the database server.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import trustme
 from click.testing import CliRunner
-from websockets.sync.client import ClientConnection, connect
 
-from outpost import protocol
 from outpost.cli.main import main
 from outpost.client import (
     AuthenticationError,
@@ -39,42 +36,13 @@ from outpost.client import (
     JobWaitTimeout,
 )
 from outpost.errors import ConflictError, NotFoundError, UsageError
-from tests.helpers import OUTPOST, wait_for
-from tests.hq_helpers import HQ, hq_env
+from tests.helpers import OUTPOST, Agent, wait_for
+from tests.hq_helpers import HQ, enrol, hq_env
 
 pytestmark = pytest.mark.integration
 
 HEARTBEAT = 1.0
 BIG_ROWS = 25_500  # three /rows pages of 10,000 and a short one
-
-DOCUMENT: dict[str, Any] = {
-    "driver": "postgres",
-    "database": "test",
-    "schemas": [
-        {
-            "name": "public",
-            "tables": [
-                {
-                    "name": "orders",
-                    "comment": None,
-                    "columns": [
-                        {"name": "id", "type": "INTEGER", "nullable": False, "default": None},
-                        {
-                            "name": "total",
-                            "type": "NUMERIC(10, 2)",
-                            "nullable": True,
-                            "default": "0",
-                        },
-                    ],
-                    "primary_key": {"name": "orders_pkey", "columns": ["id"]},
-                    "foreign_keys": [],
-                    "indexes": [],
-                }
-            ],
-            "views": [],
-        }
-    ],
-}
 
 
 def cells(line: str) -> list[str]:
@@ -143,130 +111,64 @@ def fails(hq: HQ, *args: str, code: int = 1) -> Ran:
     return proc
 
 
-# -- a stand-in agent -----------------------------------------------------------------------
+# -- a real agent ---------------------------------------------------------------------------
 
 
-class ScriptedAgent:
-    """Speaks the agent protocol over WebSocket with canned answers.
+@dataclass
+class Live:
+    """A real agent (`outpost serve`) connected to HQ as ``name``; its connection "shop" is the
+    local PostgreSQL, where ``schema`` is a throwaway schema with tables ``orders`` and ``t``."""
 
-    query: ``SELECT big`` -> BIG_ROWS rows (id, label) cut at max_rows; ``SELECT fail`` -> the job
-    fails with "relation \\"fail\\" does not exist"; ``SELECT slow`` -> never finishes; any other
-    -> one row [1]. inspect -> DOCUMENT; test -> up with server version "PostgreSQL 15.4".
-    """
+    name: str
+    agent: Agent
+    schema: str
 
-    def __init__(self, hq: HQ, name: str, token: str, slugs: list[str]) -> None:
-        self.hq = hq
-        self.name = name
-        self.token = token
-        self.slugs = slugs
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.cancelled: list[str] = []
-        self._thread = threading.Thread(target=self._run, name=f"agent-{name}", daemon=True)
 
-    def __enter__(self) -> ScriptedAgent:
-        self._thread.start()
-        with HQClient(self.hq.url, self.hq.admin_token) as api:
-            wait_for(lambda: api.agent(self.name).online, 30, f"agent {self.name} online")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self._thread.join(10)
-        if self.error is not None:
-            raise self.error
-
-    def _send(self, ws: ClientConnection, message: protocol._Message) -> None:
-        ws.send(message.model_dump_json())
-
-    def _run(self) -> None:
-        try:
-            url = self.hq.url.replace("http", "ws", 1) + "/agent/v1/ws"
-            headers = {"Authorization": f"Bearer {self.token}"}
-            with connect(url, additional_headers=headers, open_timeout=30) as ws:
-                metas = [
-                    protocol.ConnectionMeta(slug=s, name=s.title(), driver="postgres", up=True)
-                    for s in self.slugs
-                ]
-                hello = protocol.Hello(agent_version="0-test", read_only=False, connections=metas)
-                self._send(ws, hello)
-                beat = time.monotonic()
-                while not self.stop.is_set():
-                    if time.monotonic() - beat >= HEARTBEAT / 2:
-                        self._send(ws, protocol.Heartbeat(sent_at=time.time()))
-                        beat = time.monotonic()
-                    try:
-                        raw = ws.recv(timeout=HEARTBEAT / 4)
-                    except TimeoutError:
-                        continue
-                    message = protocol.hq_message.validate_json(raw)
-                    if isinstance(message, protocol.SignedJob):
-                        self._job(ws, protocol.JobBody.model_validate_json(message.body))
-                    elif isinstance(message, protocol.CancelJob):
-                        self.cancelled.append(message.job_id)
-                        finished = protocol.JobFinished(
-                            job_id=message.job_id,
-                            state="cancelled",
-                            finished_at=time.time(),
-                            duration_seconds=0.0,
-                            error="cancelled at HQ's request",
-                        )
-                        self._send(ws, finished)
-        except BaseException as exc:  # reported by __exit__
-            if not self.stop.is_set():
-                self.error = exc
-
-    def _job(self, ws: ClientConnection, body: protocol.JobBody) -> None:
-        self._send(ws, protocol.JobAccepted(job_id=body.job_id, started_at=time.time()))
-        sql = str(body.params.get("sql") or "")
-        chunks = 0
-        error = None
-        if body.kind == "inspect":
-            result: dict[str, Any] | None = DOCUMENT
-        elif body.kind == "test":
-            result = {
-                "up": True,
-                "server_version": "PostgreSQL 15.4",
-                "duration_seconds": 0.01,
-                "error": None,
-            }
-        elif sql == "SELECT slow":
-            return
-        elif sql == "SELECT fail":
-            result, error = None, 'relation "fail" does not exist'
-        else:
-            total = BIG_ROWS if sql == "SELECT big" else 1
-            max_rows = int(body.params.get("max_rows") or 1000)
-            rows = [[i, f"row {i}"] for i in range(min(total, max_rows))]
-            for seq, start in enumerate(range(0, len(rows), protocol.CHUNK_ROWS)):
-                chunk = rows[start : start + protocol.CHUNK_ROWS]
-                self._send(ws, protocol.ResultChunk(job_id=body.job_id, seq=seq, rows=chunk))
-                chunks += 1
-            result = {
-                "columns": ["id", "label"],
-                "row_count": len(rows),
-                "truncated": total > max_rows,
-                "duration_seconds": 0.02,
-                "notices": [],
-            }
-        finished = protocol.JobFinished(
-            job_id=body.job_id,
-            state="failed" if error else "succeeded",
-            finished_at=time.time(),
-            duration_seconds=0.02,
-            result=result,
-            error=error,
-            chunks=chunks,
+@pytest.fixture(scope="module")
+def pg_schema(pg_dsn: str) -> Iterator[str]:
+    schema = f"hq_client_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+        conn.execute(
+            f"CREATE TABLE {schema}.orders (id integer PRIMARY KEY, total numeric(10, 2) DEFAULT 0)"
         )
-        self._send(ws, finished)
+        conn.execute(f"CREATE TABLE {schema}.t (a integer, b text)")
+        conn.execute(f"INSERT INTO {schema}.t VALUES (0, 'x'), (0, 'y')")
+    try:
+        yield schema
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-@pytest.fixture
-def live(hq: HQ, client: HQClient) -> Iterator[ScriptedAgent]:
+@pytest.fixture(scope="module")
+def live(
+    hq: HQ,
+    tmp_path_factory: pytest.TempPathFactory,
+    pg_params: dict[str, object],
+    pg_schema: str,
+) -> Iterator[Live]:
+    agent = Agent(tmp_path_factory.mktemp("agent")).with_key()
+    agent.ok(
+        "connections", "add", "postgres", "--name", "Shop",
+        "--host", str(pg_params["host"]), "--port", str(pg_params["port"]),
+        "--user", str(pg_params["user"]), "--database", str(pg_params["database"]),
+    )  # fmt: skip
     name = unique("live")
-    token = client.create_agent(name).token
-    with ScriptedAgent(hq, name, token, ["shop"]) as agent:
-        yield agent
+    enrol(hq, agent, name)
+    with agent.serving():
+        wait_for(lambda: f"connected to HQ as {name}" in agent.log(), 30, "the agent at HQ")
+        yield Live(name, agent, pg_schema)
+
+
+def backends(pg_dsn: str, marker: str) -> int:
+    """How many PostgreSQL sessions (other than this one) last ran SQL containing MARKER."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND query LIKE %s",
+            (f"%{marker}%",),
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 # -- agents ---------------------------------------------------------------------------------
@@ -442,116 +344,163 @@ def test_expired_job_fails_the_wait(hq: HQ, client: HQClient) -> None:
     assert "expired" in str(info.value)
 
 
-# -- jobs with a (scripted) agent -------------------------------------------------------------
+# -- jobs with a real agent -----------------------------------------------------------------
+
+BIG_SQL = f"SELECT g AS id, 'label ' || g AS label FROM generate_series(1, {BIG_ROWS}) g"
+MISSING_SQL = "SELECT * FROM no_such_relation_here"
+MISSING_ERROR = 'relation "no_such_relation_here" does not exist'
 
 
-def test_query_pages_every_row(hq: HQ, client: HQClient, live: ScriptedAgent) -> None:
-    outcome = client.run_query(live.name, "shop", "SELECT big", max_rows=BIG_ROWS)
+def slow_sql() -> tuple[str, str]:
+    """A statement that sleeps 30 s on PostgreSQL, and a marker to find it in pg_stat_activity."""
+    marker = f"slow_{uuid.uuid4().hex[:8]}"
+    return f"SELECT pg_sleep(30) AS {marker}", marker
+
+
+def test_query_pages_every_row(client: HQClient, live: Live) -> None:
+    outcome = client.run_query(live.name, "shop", BIG_SQL, max_rows=BIG_ROWS)
     assert outcome.columns == ["id", "label"]
     assert len(outcome.rows) == BIG_ROWS == outcome.row_count
-    assert outcome.rows[0] == [0, "row 0"] and outcome.rows[-1] == [
-        BIG_ROWS - 1,
-        f"row {BIG_ROWS - 1}",
-    ]
-    assert [r[0] for r in outcome.rows] == list(range(BIG_ROWS))
+    assert outcome.rows == [[i, f"label {i}"] for i in range(1, BIG_ROWS + 1)]
     assert outcome.truncated is False
-    assert len(list(client.iter_rows(outcome.job.id, page_size=777))) == BIG_ROWS
+    assert list(client.iter_rows(outcome.job.id, page_size=777)) == outcome.rows
 
 
-def test_query_cli_table_json_csv(hq: HQ, live: ScriptedAgent) -> None:
+def test_query_cli_table_json_csv(hq: HQ, live: Live) -> None:
     target = f"{live.name}/shop"
-    table = ok(hq, "query", target, "SELECT big", "--max-rows", "3")
+    table = ok(hq, "query", target, BIG_SQL, "--max-rows", "3")
     header = next(ln for ln in table.stdout.splitlines() if "label" in ln)
     assert cells(header) == ["id", "label"]
-    assert "row 2" in table.stdout and "row 3" not in table.stdout
+    rows = [c for c in map(cells, table.stdout.splitlines()) if c[-1].startswith("label ")]
+    assert rows == [["1", "label 1"], ["2", "label 2"], ["3", "label 3"]]
     assert "(3 rows)" in table.stderr
     assert "Warning: the result was cut at 3 rows; raise --max-rows to see more." in table.stderr
     data = json.loads(
-        ok(hq, "query", target, "SELECT big", "--max-rows", "2", "--format", "json").stdout
+        ok(hq, "query", target, BIG_SQL, "--max-rows", "2", "--format", "json").stdout
     )
-    assert data["columns"] == ["id", "label"] and data["rows"] == [[0, "row 0"], [1, "row 1"]]
+    assert data["columns"] == ["id", "label"] and data["rows"] == [[1, "label 1"], [2, "label 2"]]
     assert data["truncated"] is True and data["row_count"] == 2
-    csv = ok(hq, "query", target, "-", "--format", "csv", "--max-rows", "2", input="SELECT big")
-    assert csv.stdout == "id,label\n0,row 0\n1,row 1\n"
+    csv = ok(hq, "query", target, "-", "--format", "csv", "--max-rows", "2", input=BIG_SQL)
+    assert csv.stdout == "id,label\n1,label 1\n2,label 2\n"
 
 
-def test_query_flags_reach_the_job(hq: HQ, client: HQClient, live: ScriptedAgent) -> None:
+def test_query_flags_reach_the_job(hq: HQ, client: HQClient, live: Live, pg_dsn: str) -> None:
     target = f"{live.name}/shop"
-    sql = "UPDATE t SET a = %s WHERE b = %s"
+    sql = f"UPDATE {live.schema}.t SET a = %s WHERE b = %s"
     ok(hq, "query", target, sql, "--param", "7", "--param", "x", "--write", "--timeout", "12",
        "--max-rows", "5")  # fmt: skip
     job = client.jobs(agent=live.name, kind="query", limit=1)[0]
+    assert job.state == "succeeded"
     assert job.params["sql"] == sql
     assert job.params["params"] == ["7", "x"]
     assert job.params["max_rows"] == 5 and job.params["allow_writes"] is True
     assert job.timeout == 12
+    with psycopg.connect(pg_dsn) as conn:
+        stored = conn.execute(f"SELECT b, a FROM {live.schema}.t ORDER BY b").fetchall()
+    assert stored == [("x", 7), ("y", 0)]
+
     ok(hq, "query", target, "SELECT 1")
     job = client.jobs(agent=live.name, kind="query", limit=1)[0]
     assert job.params["allow_writes"] is False and job.params["max_rows"] == 1000
     assert job.timeout == 30 and not job.params.get("params")
+    # without --write the agent refuses the same statement
+    refused = fails(hq, "query", target, sql, "--param", "8", "--param", "x")
+    assert refused.stderr.startswith("Error: The query job ")
+    assert "read-only" in refused.stderr and "cannot execute UPDATE" in refused.stderr
+    with psycopg.connect(pg_dsn) as conn:
+        row = conn.execute(f"SELECT a FROM {live.schema}.t WHERE b = 'x'").fetchone()
+    assert row == (7,)
 
 
-def test_jobs_rows(hq: HQ, client: HQClient, live: ScriptedAgent) -> None:
-    outcome = client.run_query(live.name, "shop", "SELECT big", max_rows=3)
+def test_jobs_rows(hq: HQ, client: HQClient, live: Live) -> None:
+    outcome = client.run_query(live.name, "shop", BIG_SQL, max_rows=3)
     csv = ok(hq, "jobs", "rows", outcome.job.id, "--format", "csv")
-    assert csv.stdout == "id,label\n0,row 0\n1,row 1\n2,row 2\n"
+    assert csv.stdout == "id,label\n1,label 1\n2,label 2\n3,label 3\n"
     data = json.loads(ok(hq, "jobs", "rows", outcome.job.id, "--format", "json").stdout)
     assert data == {"job_id": outcome.job.id, "columns": ["id", "label"], "rows": outcome.rows}
     table = ok(hq, "jobs", "rows", outcome.job.id)
-    assert "row 2" in table.stdout and "(3 rows)" in table.stderr
+    assert "label 3" in table.stdout and "(3 rows)" in table.stderr
 
-    inspect = client.create_job(agent=live.name, connection="shop", kind="inspect")
+    inspect = client.create_job(
+        agent=live.name, connection="shop", kind="inspect", schemas=[live.schema]
+    )
     not_query = fails(hq, "jobs", "rows", inspect.id, code=2)
     assert not_query.stderr.strip() == (
         f"Error: Job {inspect.id} is an inspect job; only query jobs have rows."
     )
-    slow = client.create_job(agent=live.name, connection="shop", kind="query", sql="SELECT slow")
-    running = fails(hq, "jobs", "rows", slow.id)
-    assert f"Error: Job {slow.id} is still " in running.stderr
-    assert f"`outpost hq jobs show {slow.id} --wait 60`" in running.stderr
-    client.cancel(slow.id)
+    sql, _ = slow_sql()
+    slow = client.create_job(agent=live.name, connection="shop", kind="query", sql=sql)
+    try:
+        running = fails(hq, "jobs", "rows", slow.id)
+        assert f"Error: Job {slow.id} is still " in running.stderr
+        assert f"`outpost hq jobs show {slow.id} --wait 60`" in running.stderr
+    finally:
+        client.cancel(slow.id)
 
 
-def test_failed_query_exits_1_with_its_error(hq: HQ, client: HQClient, live: ScriptedAgent) -> None:
-    proc = fails(hq, "query", f"{live.name}/shop", "SELECT fail")
-    assert proc.stderr.strip().startswith("Error: The query job ")
-    assert proc.stderr.strip().endswith(
-        f'on {live.name}/shop failed: relation "fail" does not exist.'
-    )
+def test_failed_query_exits_1_with_its_error(hq: HQ, client: HQClient, live: Live) -> None:
+    proc = fails(hq, "query", f"{live.name}/shop", MISSING_SQL)
+    message = proc.stderr.strip()
+    assert message.startswith("Error: The query job ")
+    assert f"on {live.name}/shop failed: " in message and MISSING_ERROR in message
+    assert len(message.splitlines()) == 1 and proc.stdout == ""
     with pytest.raises(JobFailedError) as info:
-        client.run_query(live.name, "shop", "SELECT fail")
+        client.run_query(live.name, "shop", MISSING_SQL)
     assert info.value.job.state == "failed"
+    assert MISSING_ERROR in str(info.value) and MISSING_ERROR in (info.value.job.error or "")
 
 
-def test_inspect_and_test(hq: HQ, client: HQClient, live: ScriptedAgent) -> None:
+def test_inspect_and_test(
+    hq: HQ, client: HQClient, live: Live, pg_params: dict[str, object], pg_dsn: str
+) -> None:
     target = f"{live.name}/shop"
-    assert client.inspect(live.name, "shop") == DOCUMENT
-    assert json.loads(ok(hq, "inspect", target, "--format", "json").stdout) == DOCUMENT
-    table = ok(hq, "inspect", target, "--schema", "public").stdout
+    document = client.inspect(live.name, "shop", schemas=[live.schema])
+    assert document["driver"] == "postgres" and document["database"] == pg_params["database"]
+    assert [s["name"] for s in document["schemas"]] == [live.schema]
+    tables = {t["name"]: t for t in document["schemas"][0]["tables"]}
+    assert sorted(tables) == ["orders", "t"]
+    assert [c["name"] for c in tables["orders"]["columns"]] == ["id", "total"]
+    assert tables["orders"]["primary_key"]["columns"] == ["id"]
+    shown = ok(hq, "inspect", target, "--schema", live.schema, "--format", "json").stdout
+    assert json.loads(shown) == document
+
+    table = ok(hq, "inspect", target, "--schema", live.schema).stdout
     header = next(ln for ln in table.splitlines() if "SCHEMA" in ln)
     assert cells(header) == [
         "SCHEMA", "TABLE", "COLUMN", "TYPE", "NULLABLE", "DEFAULT", "KEY"
     ]  # fmt: skip
     row = next(ln for ln in table.splitlines() if " total " in ln)
     assert cells(row) == [
-        "public", "orders", "total", "NUMERIC(10, 2)", "Yes", "0", ""
+        live.schema, "orders", "total", "NUMERIC(10, 2)", "Yes", "0", ""
     ]  # fmt: skip
-    job = client.jobs(agent=live.name, kind="inspect")[0]
-    assert job.params.get("schemas") == ["public"]
+    key = next(ln for ln in table.splitlines() if " id " in ln)
+    assert cells(key) == [live.schema, "orders", "id", "INTEGER", "No", "", "PK"]
+    job = client.jobs(agent=live.name, kind="inspect", limit=1)[0]
+    assert job.params.get("schemas") == [live.schema]
 
+    with psycopg.connect(pg_dsn) as conn:
+        row_ = conn.execute("SHOW server_version").fetchone()
+    assert row_ is not None
+    version = str(row_[0]).split()[0]  # e.g. 15.4
     report = json.loads(ok(hq, "test", target, "--format", "json").stdout)
-    assert report["up"] is True and report["server_version"] == "PostgreSQL 15.4"
-    assert "PostgreSQL 15.4" in ok(hq, "test", target).stdout
+    assert report["up"] is True and version in report["server_version"]
+    assert version in ok(hq, "test", target).stdout
 
 
-def test_cancel_running_job(hq: HQ, client: HQClient, live: ScriptedAgent) -> None:
-    job = client.create_job(agent=live.name, connection="shop", kind="query", sql="SELECT slow")
+def test_cancel_running_job(hq: HQ, client: HQClient, live: Live, pg_dsn: str) -> None:
+    sql, marker = slow_sql()
+    job = client.create_job(agent=live.name, connection="shop", kind="query", sql=sql)
     wait_for(lambda: client.job(job.id).state == "running", 30, "the job to run")
+    wait_for(lambda: backends(pg_dsn, marker) == 1, 30, "the statement to run on PostgreSQL")
     proc = ok(hq, "jobs", "cancel", job.id)
-    assert job.id in proc.stdout
+    assert proc.stdout.strip() == (
+        f"Asked agent {live.name!r} to cancel job {job.id} (now running)."
+    )
     final = client.wait_job(job.id, wait=30)
     assert final.state == "cancelled"
-    assert job.id in live.cancelled
+    # the agent stopped the statement: its session is gone long before pg_sleep(30) would end
+    wait_for(lambda: backends(pg_dsn, marker) == 0, 15, "the statement to end on PostgreSQL")
+    assert f"job {job.id}: cancel requested" in live.agent.log()
 
 
 # -- transport ------------------------------------------------------------------------------
