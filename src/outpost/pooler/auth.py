@@ -32,6 +32,10 @@ ClientAuth = Literal["scram-sha-256", "md5", "plain"]
 Method = Literal["scram-sha-256", "md5", "password"]
 
 _SCRAM = ScramMechanism("SCRAM-SHA-256")
+_b64encode = binascii.b2a_base64
+#: Parsed SCRAM verifiers (every login of a route uses the same one); cleared when it grows.
+_verifiers: dict[str, tuple[bytes, bytes, bytes, int]] = {}
+_MAX_VERIFIERS = 10_000
 #: Large enough for any real password or SASL message, small enough to stop abuse.
 MAX_AUTH_MESSAGE = 8192
 
@@ -90,6 +94,16 @@ async def check_cleartext(password: str, user: str, secret: ClientSecret) -> boo
     return False
 
 
+def _scram_keys(verifier: str) -> tuple[bytes, bytes, bytes, int]:
+    keys = _verifiers.get(verifier)
+    if keys is None:
+        keys = parse_scram_verifier(verifier)  # PasswordFormatError when it is not one
+        if len(_verifiers) >= _MAX_VERIFIERS:
+            _verifiers.clear()
+        _verifiers[verifier] = keys
+    return keys
+
+
 async def authenticate_client(
     conn: p.FramedProtocol,
     user: str,
@@ -97,12 +111,15 @@ async def authenticate_client(
     configured: ClientAuth,
     *,
     allow_cleartext_without_tls: bool,
-) -> None:
-    """Run the password exchange with a client; AuthOk is NOT sent here. Raises AuthFailed."""
+) -> bytes:
+    """Run the password exchange with a client; raises AuthFailed.
+
+    Returns what is left to send before AuthenticationOk (SCRAM's AuthenticationSASLFinal, or
+    nothing): the caller sends it with AuthenticationOk in one write.
+    """
     method = choose_method(configured, secret)
     if method == "scram-sha-256":
-        await _scram_exchange(conn, user, secret)
-        return
+        return await _scram_exchange(conn, user, secret)
     if method == "md5":
         salt = os.urandom(4)
         conn.transport.write(p.auth_request(p.AUTH_MD5, salt))
@@ -112,7 +129,7 @@ async def authenticate_client(
         expected = "md5" + hashlib.md5(inner, usedforsecurity=False).hexdigest()
         if not hmac.compare_digest(answer, expected):
             raise AuthFailed(user)
-        return
+        return b""
     if not conn.tls and not allow_cleartext_without_tls:
         raise AuthRefused(
             "this route can only check a cleartext password, and the pooler refuses "
@@ -123,6 +140,7 @@ async def authenticate_client(
     answer = await _password(conn, user)
     if not await check_cleartext(answer, user, secret):
         raise AuthFailed(user)
+    return b""
 
 
 async def _password(conn: p.FramedProtocol, user: str) -> str:
@@ -132,15 +150,16 @@ async def _password(conn: p.FramedProtocol, user: str) -> str:
     return body.rstrip(b"\0").decode(errors="replace")
 
 
-async def _scram_exchange(conn: p.FramedProtocol, user: str, secret: ClientSecret) -> None:
+async def _scram_exchange(conn: p.FramedProtocol, user: str, secret: ClientSecret) -> bytes:
     """The server side of SCRAM-SHA-256 (RFC 5802/7677) as PostgreSQL runs it.
 
     Written out here because libpq sends an empty user name in client-first (``n=``), which
-    scramp's server refuses; the client side (``server_login``) uses scramp.
+    scramp's server refuses; the client side (``server_login``) uses scramp. Returns the
+    AuthenticationSASLFinal message (the caller sends it with AuthenticationOk).
     """
     assert secret.scram is not None
     try:
-        salt, stored_key, server_key, iterations = parse_scram_verifier(secret.scram)
+        salt, stored_key, server_key, iterations = _scram_keys(secret.scram)
     except PasswordFormatError:
         raise AuthFailed(user) from None
     conn.transport.write(p.auth_request(p.AUTH_SASL, p.cstring("SCRAM-SHA-256") + b"\0"))
@@ -166,8 +185,8 @@ async def _scram_exchange(conn: p.FramedProtocol, user: str, secret: ClientSecre
         gs2_header = first[: len(first) - len(bare)]
     except (ValueError, KeyError, UnicodeDecodeError):
         raise p.ProtocolViolation("malformed SCRAM client-first message") from None
-    nonce = client_nonce + base64.b64encode(os.urandom(18)).decode()
-    server_first = f"r={nonce},s={base64.b64encode(salt).decode()},i={iterations}"
+    nonce = client_nonce + _b64encode(os.urandom(18), newline=False).decode()
+    server_first = f"r={nonce},s={_b64encode(salt, newline=False).decode()},i={iterations}"
     conn.transport.write(p.auth_request(p.AUTH_SASL_CONTINUE, server_first.encode()))
     kind, body = await conn.read_message(MAX_AUTH_MESSAGE)
     if kind != p.F_PASSWORD:
@@ -183,13 +202,16 @@ async def _scram_exchange(conn: p.FramedProtocol, user: str, secret: ClientSecre
     if fattrs.get("r") != nonce or channel != gs2_header or len(proof) != len(stored_key):
         raise AuthFailed(user)
     auth_message = f"{bare},{server_first},{without_proof}".encode()
-    client_signature = hmac.new(stored_key, auth_message, hashlib.sha256).digest()
-    client_key = bytes(a ^ b for a, b in zip(proof, client_signature, strict=True))
+    client_signature = hmac.digest(stored_key, auth_message, "sha256")
+    size = len(proof)
+    client_key = (
+        int.from_bytes(proof) ^ int.from_bytes(client_signature)  # proof XOR signature
+    ).to_bytes(size)
     if not hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key):
         raise AuthFailed(user)
-    server_signature = hmac.new(server_key, auth_message, hashlib.sha256).digest()
-    final_message = "v=" + base64.b64encode(server_signature).decode()
-    conn.transport.write(p.auth_request(p.AUTH_SASL_FINAL, final_message.encode()))
+    server_signature = hmac.digest(server_key, auth_message, "sha256")
+    final_message = b"v=" + _b64encode(server_signature, newline=False)
+    return p.auth_request(p.AUTH_SASL_FINAL, final_message)
 
 
 # --- the pooler as a client of PostgreSQL ---------------------------------------------------

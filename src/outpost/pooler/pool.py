@@ -48,10 +48,16 @@ _PC = p.B_PARSE_COMPLETE
 _CC = p.B_CLOSE_COMPLETE
 _HEADER = p.HEADER
 _SYNC_MARK = None
+#: The backend messages the forwarding loop looks into; every other one is passed on unread.
+_WATCHED = frozenset((_Z, _S, _PC, _CC))
+_monotonic = time.monotonic
+_time = time.time
 
 
 class ClientLink(Protocol):
     """What a server connection needs from the client it serves (server.ClientSession)."""
+
+    transport: asyncio.Transport  # the server's bytes go straight to its write()
 
     def write(self, data: bytes | memoryview) -> None: ...
 
@@ -182,7 +188,6 @@ class ServerConnection(p.FramedProtocol):
         "params",
         "pool",
         "prepared",
-        "request_time",
         "search_path",
         "state",
         "status",
@@ -208,8 +213,7 @@ class ServerConnection(p.FramedProtocol):
         self.created_at = time.monotonic()
         self.connect_time = time.time()
         self.last_used = self.created_at
-        self.attached_at = 0.0
-        self.request_time = time.time()
+        self.attached_at = self.created_at
         self.broken = False
         self.forwarding = False
         self.track = pool.settings.pool_mode == "transaction"
@@ -251,71 +255,72 @@ class ServerConnection(p.FramedProtocol):
 
     def data_received(self, data: bytes) -> None:  # the hot path, kept in one piece
         client = self.client
-        if not self.forwarding or client is None:
-            if self.forwarding:
-                return  # an idle connection's notice or parameter report: nothing to do
-            self.buffer_data(data)
+        if client is None or not self.forwarding:
+            if not self.forwarding:
+                self.buffer_data(data)
+            # else: an idle connection's notice or parameter report: nothing to do
             return
-        self.pool.bytes_sent += len(data)
+        n = len(data)
+        self.pool.bytes_sent += n
         if self._partial:
             data = self._partial + data
             self._partial = b""
-        n = len(data)
+            n = len(data)
         pos = self._remain
         if pos:
             if pos >= n:
                 self._remain = pos - n
-                client.write(data)
+                client.transport.write(data)
                 return
             self._remain = 0
         start = 0
         ready = False
-        while pos < n:
-            if pos + 5 > n:
-                break
-            kind, length = _HEADER.unpack_from(data, pos)
+        write = client.transport.write
+        unpack = _HEADER.unpack_from
+        # Only ReadyForQuery, ParameterStatus and Parse/CloseComplete are looked into; the loop
+        # steps over everything else by its length (a DataRow may hold any bytes).
+        while pos + 5 <= n:
+            kind, length = unpack(data, pos)
             end = pos + 1 + length
-            if kind == _Z:
-                if end > n:
-                    break
-                self.status = data[pos + 5]
-                expect = self.expect
-                while expect:
-                    entry = expect.popleft()
-                    if entry is _SYNC_MARK:
+            if kind in _WATCHED:
+                if kind == _Z:
+                    if end > n:
                         break
-                    self._unanswered(entry)
-                if self.syncs:
-                    self.syncs -= 1
-                ready = True
-            elif kind in (_PC, _CC):
-                if self.expect and self.expect[0] is not _SYNC_MARK:
+                    self.status = data[pos + 5]
+                    expect = self.expect
+                    while expect:
+                        entry = expect.popleft()
+                        if entry is _SYNC_MARK:
+                            break
+                        self._unanswered(entry)
+                    if self.syncs:
+                        self.syncs -= 1
+                    ready = True
+                elif kind == _S:
+                    if end > n:
+                        break
+                    name, value = p.parameter_from_body(data[pos + 5 : end])
+                    self.params[name] = value
+                    if name in TRACKED:
+                        self.compute_state()
+                        client.on_server_param(name, value)
+                elif self.expect and self.expect[0] is not _SYNC_MARK:  # Parse/CloseComplete
                     entry = self.expect.popleft()
                     assert entry is not None
                     if entry[2]:  # answer to a message the pooler added: hidden
                         if pos > start:
-                            client.write(memoryview(data)[start:pos])
+                            write(memoryview(data)[start:pos])
                         start = end
-            elif kind == _S:
-                if end > n:
-                    break
-                name, value = p.parameter_from_body(data[pos + 5 : end])
-                self.params[name] = value
-                if name in TRACKED:
-                    self.compute_state()
-                    client.on_server_param(name, value)
-            if end > n:
-                self._remain = end - n
-                pos = n
-                break
             pos = end
-        if pos < n:
+        if pos > n:  # the last message continues in the next chunk
+            self._remain = pos - n
+        elif pos < n:
             self._partial = data[pos:]
             n = pos
         if start == 0 and n == len(data):
-            client.write(data)
+            write(data)
         elif n > start:
-            client.write(memoryview(data)[start:n])
+            write(memoryview(data)[start:n])
         if ready and self.status == 73 and not self.syncs and not self.unsynced:  # 'I'
             client.on_ready(self)
 
@@ -339,11 +344,15 @@ class ServerConnection(p.FramedProtocol):
         self.search_path = None
         self.compute_state()
 
+    @property
+    def request_time(self) -> float:
+        """When the current (or last) client got this connection, as a Unix time."""
+        return _time() - (_monotonic() - self.attached_at)
+
     def attach(self, client: ClientLink) -> None:
         self.client = client
         self.forwarding = True
-        self.attached_at = time.monotonic()
-        self.request_time = time.time()
+        self.attached_at = _monotonic()
 
     def detach(self) -> None:
         self.client = None
@@ -428,6 +437,9 @@ class Pool:
         self.connecting = 0
         self.waiters: collections.deque[Waiter] = collections.deque()
         self.defaults: dict[str, str] | None = None
+        #: the ParameterStatus messages a client gets at login, by (tracked settings,
+        #: application_name): built once, not per login
+        self._statuses: dict[tuple[tuple[str | None, ...], str], bytes] = {}
         self.paused = False
         self._on_change = on_change
         self.closed = False
@@ -442,6 +454,18 @@ class Pool:
         self.wait_count = 0
         self.connect_errors = 0
         self.timeouts = 0
+
+    def status_messages(
+        self, tracked: tuple[str | None, ...], application_name: str
+    ) -> bytes | None:
+        return self._statuses.get((tracked, application_name))
+
+    def remember_status_messages(
+        self, tracked: tuple[str | None, ...], application_name: str, messages: bytes
+    ) -> None:
+        if len(self._statuses) >= 1000:
+            self._statuses.clear()
+        self._statuses[(tracked, application_name)] = messages
 
     @property
     def total(self) -> int:
@@ -559,12 +583,22 @@ class Pool:
         self.active.add(conn)
         return conn
 
-    def release(self, conn: ServerConnection) -> None:
-        """Back from a client: to a waiting client, to the idle list, or closed."""
+    def release(self, conn: ServerConnection, now: float = 0.0) -> None:
+        """Back from a client: to a waiting client, to the idle list, or closed (NOW: the
+        monotonic time when the caller has it at hand)."""
         self.active.discard(conn)
-        conn.detach()
-        conn.last_used = time.monotonic()
-        if not conn.idle_clean or self.closed or conn.generation != self.generation:
+        conn.client = None
+        conn._partial = b""
+        conn._remain = 0
+        conn.last_used = now or _monotonic()
+        if (  # not conn.idle_clean (its _partial and _remain were just cleared)
+            conn.broken
+            or conn.syncs
+            or conn.unsynced
+            or conn.status != 73
+            or self.closed
+            or conn.generation != self.generation
+        ):
             conn.close()
             self._wake_one()
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -18,10 +19,11 @@ import secrets
 import signal
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from outpost.pooler import protocol as p
 from outpost.pooler.auth import AuthFailed, AuthRefused, authenticate_client
@@ -65,17 +67,51 @@ _EXTENDED = frozenset((_P, _B, _D, _C, _E))
 _COUNTED = frozenset((_Q, _S, _F))
 
 
-def _maybe_session_only(data: bytes, start: int, end: int) -> bool:
-    """A cheap pre-check before SESSION_ONLY (most queries contain none of these words)."""
-    find = data.find
-    return (
-        find(b"ISTEN", start, end) >= 0
-        or find(b"isten", start, end) >= 0
-        or find(b"DVISORY", start, end) >= 0
-        or find(b"dvisory", start, end) >= 0
-        or find(b"HOLD", start, end) >= 0
-        or find(b"hold", start, end) >= 0
+_monotonic = time.monotonic
+_intern = sys.intern
+#: One shared copy of each (search_path, tracked settings) state and listening address, so
+#: that thousands of clients of a few tenants do not each keep their own (idle memory).
+_shared: dict[Any, Any] = {}
+_T = TypeVar("_T")
+
+
+def _share(value: _T) -> _T:
+    found: _T | None = _shared.get(value)
+    if found is None:
+        if len(_shared) >= 10_000:
+            _shared.clear()
+        _shared[value] = found = value
+    return found
+
+
+_wants: dict[tuple[tuple[str, str | None], ...], dict[str, str | None]] = {}
+
+
+def _share_want(want: dict[str, str | None]) -> dict[str, str | None]:
+    """One shared dict per distinct set of wanted settings (never changed in place: a client
+    whose settings change gets a new dict)."""
+    key = tuple(want.items())
+    found = _wants.get(key)
+    if found is None:
+        if len(_wants) >= 10_000:
+            _wants.clear()
+        _wants[key] = found = want
+    return found
+
+
+def _screen(sql: bytes) -> tuple[bool, re.Match[bytes] | None]:
+    """Whether SQL may touch search_path (TOUCHES_SEARCH_PATH), and its SESSION_ONLY match.
+
+    Substring searches in the lowered text first: most statements contain none of the words,
+    and the regular expressions (case-insensitive, unanchored) cost several times more.
+    """
+    find = sql.lower().find  # (find, not ``in``: bytes ``in`` tries an int first, and fails)
+    touches = (find(b"search_path") >= 0 or find(b"reset") >= 0 or find(b"discard") >= 0) and (
+        TOUCHES_SEARCH_PATH.search(sql) is not None
     )
+    if find(b"listen") >= 0 or find(b"advisory") >= 0 or find(b"hold") >= 0:
+        return touches, SESSION_ONLY.search(sql)
+    return touches, None
 
 
 def _normalize(name: str, value: str) -> str:
@@ -105,7 +141,7 @@ class ClientSession(p.FramedProtocol):
         "pid",
         "pool",
         "ready",
-        "request_time",
+        "request_at",
         "schema",
         "search_path",
         "srv",
@@ -132,14 +168,14 @@ class ClientSession(p.FramedProtocol):
         self.schema = ""
         self.application_name = ""
         self.search_path = ""
-        self.want: dict[str, str | None] = {}
+        self.want: dict[str, str | None] = {}  # shared between clients: replaced, not changed
         self.state: tuple[str | None, tuple[str | None, ...]] = (None, ())
         self.statements: dict[bytes, tuple[bytes, bytes]] = {}
         self.txn = srv.settings.pool_mode == "transaction"
         self.pid = 0
         self.key = 0
         self.connect_time = time.time()
-        self.request_time = self.connect_time
+        self.request_at = _monotonic()  # when it last got a server connection
         self.wait_started = 0.0
         self._partial = b""
         self._remain = 0
@@ -159,7 +195,7 @@ class ClientSession(p.FramedProtocol):
         super().connection_made(transport)
         local = transport.get_extra_info("sockname")
         if isinstance(local, tuple) and len(local) >= 2:
-            self.local = (str(local[0]), int(local[1]))
+            self.local = _share((str(local[0]), int(local[1])))
         self.srv.add_client(self)
         self.login_task = asyncio.get_running_loop().create_task(self._login())
 
@@ -184,19 +220,29 @@ class ClientSession(p.FramedProtocol):
         if self.conn is not None:
             self.conn.transport.resume_reading()
 
+    @property
+    def request_time(self) -> float:
+        """When the client last got a server connection, as a Unix time."""
+        return time.time() - (_monotonic() - self.request_at)
+
     def data_received(self, data: bytes) -> None:
         if not self.ready:
             self.buffer_data(data)
             return
-        if self.pool is not None:
-            self.pool.bytes_received += len(data)
+        pool = self.pool
+        if pool is not None:
+            pool.bytes_received += len(data)
         if self.waiting_server:
             self._pending += data
             return
         if self._partial:
             data = self._partial + data
             self._partial = b""
-        self._feed(data)
+        conn = self.conn
+        if conn is None:
+            self._feed(data)
+        else:
+            self._forward(conn, data)
 
     # --- ClientLink (called by the server connection) ------------------------------------
 
@@ -205,11 +251,17 @@ class ClientSession(p.FramedProtocol):
 
     def on_ready(self, server: ServerConnection) -> None:
         if self.txn and self.conn is server and not self._partial and not self._remain:
-            self._release(server)
+            # self._release(server), inlined: this runs once per transaction
+            self.conn = None
+            pool = server.pool
+            pool.xact_count += 1
+            now = _monotonic()
+            pool.xact_time += now - server.attached_at
+            pool.release(server, now)
 
     def on_server_param(self, name: str, value: str) -> None:
-        self.want[name] = value
-        self.state = (self.search_path, tuple(self.want.get(k) for k in TRACKED))
+        self.want = {**self.want, name: value}
+        self.state = _share((self.search_path, tuple(self.want.get(k) for k in TRACKED)))
         if self.conn is not None:
             self.conn.compute_state()
 
@@ -288,9 +340,9 @@ class ClientSession(p.FramedProtocol):
                 return
             break
         params = msg.params
-        self.user = params["user"]
-        self.database = params.get("database") or self.user
-        self.application_name = params.get("application_name", "")
+        self.user = _intern(params["user"])
+        self.database = _intern(params.get("database") or self.user)
+        self.application_name = _intern(params.get("application_name", ""))
         if srv.client_count > srv.config.max_client_conn:
             raise PoolError(
                 f"no more connections allowed (max_client_conn {srv.config.max_client_conn})",
@@ -300,7 +352,7 @@ class ClientSession(p.FramedProtocol):
             await self._admin_login()
             return
         schema = p.schema_from_params(params) or "public"
-        self.schema = schema
+        self.schema = _intern(schema)
         route = await srv.routes.lookup(self.database, schema)
         if route is None:
             raise PoolError(
@@ -308,7 +360,7 @@ class ClientSession(p.FramedProtocol):
                 "`outpost pooler routes add` (or a perseus_auth row)",
                 p.INVALID_CATALOG,
             )
-        await authenticate_client(
+        auth_final = await authenticate_client(
             self,
             self.user,
             route.secret,
@@ -319,22 +371,33 @@ class ClientSession(p.FramedProtocol):
             raise AuthFailed(self.user)
         pool = srv.pool_for(route.destination)
         self.pool = pool
-        self.search_path = p.quote_ident(schema)
+        self.search_path = _intern(p.quote_ident(schema))
         defaults = await srv.server_defaults(pool, self.search_path)
-        self.want = {k: defaults.get(k) for k in TRACKED}
+        want = {k: defaults.get(k) for k in TRACKED}
         for name in TRACKED:
             if name in params:
-                self.want[name] = _normalize(name, params[name])
-        self.state = (self.search_path, tuple(self.want.get(k) for k in TRACKED))
-        shown = dict(defaults)
-        shown.update({k: v for k, v in self.want.items() if v is not None})
-        shown["application_name"] = self.application_name
+                want[name] = _normalize(name, params[name])
+        self.want = _share_want(want)
+        self.state = _share((self.search_path, tuple(self.want.get(k) for k in TRACKED)))
+        statuses = pool.status_messages(self.state[1], self.application_name)
+        if statuses is None:
+            shown = dict(defaults)
+            shown.update({k: v for k, v in self.want.items() if v is not None})
+            shown["application_name"] = self.application_name
+            statuses = b"".join(p.parameter_status(k, v) for k, v in shown.items())
+            pool.remember_status_messages(self.state[1], self.application_name, statuses)
         self.pid, self.key = srv.new_backend_key(self)
-        out = [p.AUTH_OK_MESSAGE]
-        out += [p.parameter_status(k, v) for k, v in shown.items()]
-        out.append(p.backend_key_data(self.pid, self.key))
-        out.append(p.READY_IDLE)
-        self.transport.write(b"".join(out))
+        self.transport.write(
+            b"".join(
+                (
+                    auth_final,
+                    p.AUTH_OK_MESSAGE,
+                    statuses,
+                    p.backend_key_data(self.pid, self.key),
+                    p.READY_IDLE,
+                )
+            )
+        )
         self.ready = True
         self.login_task = None
         leftover = self.take_buffer()
@@ -355,8 +418,9 @@ class ClientSession(p.FramedProtocol):
             if route is not None and route.user == self.user:
                 break
             route = None
+        auth_final = b""
         if route is not None:
-            await authenticate_client(
+            auth_final = await authenticate_client(
                 self,
                 self.user,
                 route.secret,
@@ -370,7 +434,7 @@ class ClientSession(p.FramedProtocol):
             )
         self.admin = True
         self.pid, self.key = srv.new_backend_key(self)
-        out = [p.AUTH_OK_MESSAGE]
+        out = [auth_final, p.AUTH_OK_MESSAGE]
         for name, value in (
             ("server_version", "15.0 (outpost pooler)"),
             ("server_encoding", "UTF8"),
@@ -412,7 +476,7 @@ class ClientSession(p.FramedProtocol):
                 return
             conn.attach(self)
             self.conn = conn
-            self.request_time = conn.request_time
+            self.request_at = conn.attached_at
         self._forward(conn, data)
 
     # --- Waiter (called by the pool) ------------------------------------------------------
@@ -452,7 +516,7 @@ class ClientSession(p.FramedProtocol):
         pool = conn.pool
         pool.wait_time += time.monotonic() - self.wait_started
         pool.wait_count += 1
-        self.request_time = conn.request_time
+        self.request_at = conn.attached_at
         data = bytes(self._pending)
         self._pending.clear()
         if data:
@@ -539,10 +603,12 @@ class ClientSession(p.FramedProtocol):
                 )
         conn.search_path = self.search_path
         # the server's spelling of each setting from now on (e.g. utf-8 -> UTF8)
+        want = dict(self.want)
         for name in TRACKED:
             if name in conn.params:
-                self.want[name] = conn.params[name]
-        self.state = (self.search_path, tuple(self.want.get(k) for k in TRACKED))
+                want[name] = conn.params[name]
+        self.want = _share_want(want)
+        self.state = _share((self.search_path, tuple(self.want.get(k) for k in TRACKED)))
         conn.compute_state()
 
     def _forward(self, conn: ServerConnection, data: bytes) -> None:  # the hot path
@@ -581,13 +647,9 @@ class ClientSession(p.FramedProtocol):
                 if kind == _Q and txn:
                     if end > n:
                         break
-                    if TOUCHES_SEARCH_PATH.search(data, pos + 5, end) is not None:
+                    touches, match = _screen(data[pos + 5 : end])
+                    if touches:
                         conn.forget_search_path()
-                    match = (
-                        SESSION_ONLY.search(data[pos + 5 : end])
-                        if _maybe_session_only(data, pos + 5, end)
-                        else None
-                    )
                     if match is not None:
                         if pos > start:
                             write(memoryview(data)[start:pos])
@@ -606,9 +668,11 @@ class ClientSession(p.FramedProtocol):
                         break
                     body = data[pos + 5 : end]
                     if kind == _P:
-                        if TOUCHES_SEARCH_PATH.search(body) is not None:
+                        touches, match = _screen(body)
+                        if touches:
                             conn.forget_search_path()
-                        match = SESSION_ONLY.search(body[body.index(b"\0") + 1 :])
+                        if match is not None:
+                            match = SESSION_ONLY.search(body[body.index(b"\0") + 1 :])
                         if match is not None:
                             if pos > start:
                                 write(memoryview(data)[start:pos])
@@ -742,8 +806,9 @@ class ClientSession(p.FramedProtocol):
         self.conn = None
         pool = conn.pool
         pool.xact_count += 1
-        pool.xact_time += time.monotonic() - conn.attached_at
-        pool.release(conn)
+        now = _monotonic()
+        pool.xact_time += now - conn.attached_at
+        pool.release(conn, now)
 
     async def _cleanup(self, conn: ServerConnection) -> None:
         """The client left while holding CONN: roll back and reset it, or close it."""
@@ -843,6 +908,10 @@ class PoolerServer:
             server = await loop.create_unix_server(lambda: ClientSession(self), str(path))
             self._servers.append(server)
         self.spawn(self._maintain())
+        # Everything loaded so far (modules, settings, routes) lives as long as the process: keep
+        # it out of the garbage collector's full passes, which otherwise walk it again and again
+        # while thousands of clients come and go.
+        gc.freeze()
 
     async def close(self) -> None:
         for server in self._servers:
