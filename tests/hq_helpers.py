@@ -122,6 +122,16 @@ class HQ:
                 self.proc.wait()
         self.proc = None
 
+    @contextmanager
+    def running(self) -> Iterator[HQ]:
+        """Create an admin token, start, yield, stop."""
+        self.create_admin()
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
     def kill(self) -> None:
         """SIGKILL: no chance to clean up, as in a crash."""
         assert self.proc is not None
@@ -208,3 +218,20 @@ def throwaway_pg_database(admin_dsn: str, prefix: str) -> Iterator[str]:
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def running_hq(
+    root: Path, backend: str, pg_dsn: str | None = None, args: list[str] | None = None
+) -> Iterator[HQ]:
+    """A started HQ on BACKEND ("sqlite", or "postgresql" in a throwaway database on PG_DSN)."""
+    if backend == "sqlite":
+        with HQ(root, args=list(args or [])).running() as server:
+            yield server
+        return
+    assert pg_dsn is not None, "a PostgreSQL HQ needs the server's DSN"
+    with (
+        throwaway_pg_database(pg_dsn, "outpost_hq_test") as url,
+        HQ(root, database=url, args=list(args or [])).running() as server,
+    ):
+        yield server

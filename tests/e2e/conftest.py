@@ -51,13 +51,8 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture(scope="module")
 def hq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HQ]:
     """One HQ on SQLite per test module, with an admin token; tests use their own agent names."""
-    server = HQ(tmp_path_factory.mktemp("hq"))
-    server.create_admin()
-    server.start()
-    try:
+    with HQ(tmp_path_factory.mktemp("hq")).running() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @dataclass

@@ -20,7 +20,7 @@ from outpost.drivers.postgres import PostgresDriver
 from outpost.schema.inspect import inspect_driver
 from tests.conftest import MariaUser
 from tests.helpers import Agent, wait_for
-from tests.hq_helpers import HQ, enrol, throwaway_pg_database
+from tests.hq_helpers import HQ, enrol, running_hq
 
 pytestmark = pytest.mark.integration
 
@@ -28,34 +28,14 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(params=["sqlite", "postgresql"])
 def hq(request: pytest.FixtureRequest, tmp_path: Path, pg_dsn: str) -> Iterator[HQ]:
     """A running HQ on each database backend."""
-    if request.param == "sqlite":
-        server = HQ(tmp_path / "hq")
-        server.create_admin()
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
-        return
-    with throwaway_pg_database(pg_dsn, "outpost_hq_e2e") as url:
-        server = HQ(tmp_path / "hq", database=url)
-        server.create_admin()
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    with running_hq(tmp_path / "hq", request.param, pg_dsn) as server:
+        yield server
 
 
 @pytest.fixture
 def sqlite_hq(tmp_path: Path) -> Iterator[HQ]:
-    server = HQ(tmp_path / "hq", args=["--heartbeat-interval", "1"])
-    server.create_admin()
-    server.start()
-    try:
+    with HQ(tmp_path / "hq", args=["--heartbeat-interval", "1"]).running() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -56,13 +56,9 @@ def unique(prefix: str) -> str:
 
 @pytest.fixture(scope="module")
 def hq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HQ]:
-    server = HQ(tmp_path_factory.mktemp("hq"), args=["--heartbeat-interval", str(HEARTBEAT)])
-    server.create_admin()
-    server.start()
-    try:
+    args = ["--heartbeat-interval", str(HEARTBEAT)]
+    with HQ(tmp_path_factory.mktemp("hq"), args=args).running() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ from outpost.protocol import (
     verify_job,
 )
 from tests.helpers import OUTPOST, free_port
-from tests.hq_helpers import HQ, hq_env, throwaway_pg_database
+from tests.hq_helpers import HQ, hq_env, running_hq
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -69,24 +69,9 @@ def hq(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     """A running HQ per database backend, shared by the module's tests (agents are unique)."""
     args = ["--heartbeat-interval", str(HEARTBEAT), "--max-concurrent-jobs", str(MAX_JOBS)]
     root = tmp_path_factory.mktemp(f"hq-{request.param}")
-    if request.param == "sqlite":
-        server = HQ(root, args=args)
-        server.create_admin()
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
-        return
-    pg_dsn = request.getfixturevalue("pg_dsn")
-    with throwaway_pg_database(pg_dsn, "outpost_hq_test") as url:
-        server = HQ(root, database=url, args=args)
-        server.create_admin()
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    pg_dsn = request.getfixturevalue("pg_dsn") if request.param == "postgresql" else None
+    with running_hq(root, request.param, pg_dsn, args) as server:
+        yield server
 
 
 # -- the protocol-speaking agent ---------------------------------------------------------------
