@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo demo-stop test lint typecheck unit venv clean system-deps
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/outpost/pooler/_engine.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

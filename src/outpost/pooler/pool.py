@@ -1,9 +1,10 @@
 """Server connections and the pools that hold them.
 
-A ``ServerConnection`` is one PostgreSQL backend. While it serves a client it forwards the
-server's bytes to that client frame by frame, looking only at the 5-byte header, and at the
-body of ReadyForQuery (to release the connection), ParameterStatus (to track settings), and
-ParseComplete/CloseComplete (to hide the answers to statements the pooler prepared itself).
+A ``ServerConnection`` is one PostgreSQL backend. While it serves a client, the forwarding
+engine (``_engine.c``, through the connection's ``link``) passes the server's bytes to that
+client frame by frame, looking only at the 5-byte header, and at the body of ReadyForQuery (to
+release the connection), ParameterStatus (to track settings), and ParseComplete/CloseComplete
+(to hide the answers to statements the pooler prepared itself).
 
 A ``Pool`` holds the connections to one destination (host, port, database, user): every tenant
 routed there shares them. Idle connections are reused last-in first-out, preferring one whose
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from outpost.pooler import protocol as p
+from outpost.pooler._engine import Counters, Engine, Link
 from outpost.pooler.auth import ServerLoginError, server_login
+from outpost.pooler.links import hand_over
 from outpost.pooler.routes import Destination
 
 if TYPE_CHECKING:
@@ -42,14 +45,7 @@ TRACKED = (
 #: Server-side prepared statements kept per connection before the oldest is closed.
 MAX_PREPARED_PER_SERVER = 1000
 
-_Z = p.B_READY
-_S = p.B_PARAMETER_STATUS
 _PC = p.B_PARSE_COMPLETE
-_CC = p.B_CLOSE_COMPLETE
-_HEADER = p.HEADER
-_SYNC_MARK = None
-#: The backend messages the forwarding loop looks into; every other one is passed on unread.
-_WATCHED = frozenset((_Z, _S, _PC, _CC))
 _monotonic = time.monotonic
 _time = time.time
 
@@ -57,9 +53,7 @@ _time = time.time
 class ClientLink(Protocol):
     """What a server connection needs from the client it serves (server.ClientSession)."""
 
-    transport: asyncio.Transport  # the server's bytes go straight to its write()
-
-    def write(self, data: bytes | memoryview) -> None: ...
+    link: Link  # the engine writes the server's bytes straight to it
 
     def on_ready(self, server: ServerConnection) -> None: ...
 
@@ -171,8 +165,6 @@ async def negotiate_server_tls(conn: p.FramedProtocol, dest: Destination) -> Non
 
 class ServerConnection(p.FramedProtocol):
     __slots__ = (
-        "_partial",
-        "_remain",
         "attached_at",
         "backend_key",
         "backend_pid",
@@ -180,21 +172,17 @@ class ServerConnection(p.FramedProtocol):
         "client",
         "connect_time",
         "created_at",
-        "expect",
-        "forwarding",
         "generation",
         "last_used",
+        "link",
         "local",
         "params",
         "pool",
         "prepared",
         "search_path",
         "state",
-        "status",
-        "syncs",
         "track",
         "uncertain",
-        "unsynced",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -215,17 +203,10 @@ class ServerConnection(p.FramedProtocol):
         self.last_used = self.created_at
         self.attached_at = self.created_at
         self.broken = False
-        self.forwarding = False
         self.track = pool.settings.pool_mode == "transaction"
-        # forwarding state
-        self._partial = b""
-        self._remain = 0
-        #: answers still due: None per Sync/Query (a ReadyForQuery), and (name, kind, drop) per
-        #: Parse/Close sent, in order; ParseComplete/CloseComplete pop the head.
-        self.expect: collections.deque[tuple[bytes, int, bool] | None] = collections.deque()
-        self.syncs = 0
-        self.unsynced = False
-        self.status = b"I"[0]
+        #: the forwarding state (answers due, transaction status) and, once logged in, the I/O
+        self.link = Link(self, True, self.track)
+        self.link.forwarding = 0  # logging in: the bytes are read here, not forwarded
         self.local: tuple[str, int] = ("", 0)
 
     # --- asyncio.Protocol ------------------------------------------------------------------
@@ -253,76 +234,72 @@ class ServerConnection(p.FramedProtocol):
         if self.client is not None:
             self.client.resume_reading()
 
-    def data_received(self, data: bytes) -> None:  # the hot path, kept in one piece
-        client = self.client
-        if client is None or not self.forwarding:
-            if not self.forwarding:
-                self.buffer_data(data)
-            # else: an idle connection's notice or parameter report: nothing to do
-            return
-        n = len(data)
-        self.pool.bytes_sent += n
-        if self._partial:
-            data = self._partial + data
-            self._partial = b""
-            n = len(data)
-        pos = self._remain
-        if pos:
-            if pos >= n:
-                self._remain = pos - n
-                client.transport.write(data)
-                return
-            self._remain = 0
-        start = 0
-        ready = False
-        write = client.transport.write
-        unpack = _HEADER.unpack_from
-        # Only ReadyForQuery, ParameterStatus and Parse/CloseComplete are looked into; the loop
-        # steps over everything else by its length (a DataRow may hold any bytes).
-        while pos + 5 <= n:
-            kind, length = unpack(data, pos)
-            end = pos + 1 + length
-            if kind in _WATCHED:
-                if kind == _Z:
-                    if end > n:
-                        break
-                    self.status = data[pos + 5]
-                    expect = self.expect
-                    while expect:
-                        entry = expect.popleft()
-                        if entry is _SYNC_MARK:
-                            break
-                        self._unanswered(entry)
-                    if self.syncs:
-                        self.syncs -= 1
-                    ready = True
-                elif kind == _S:
-                    if end > n:
-                        break
-                    name, value = p.parameter_from_body(data[pos + 5 : end])
-                    self.params[name] = value
-                    if name in TRACKED:
-                        self.compute_state()
-                        client.on_server_param(name, value)
-                elif self.expect and self.expect[0] is not _SYNC_MARK:  # Parse/CloseComplete
-                    entry = self.expect.popleft()
-                    assert entry is not None
-                    if entry[2]:  # answer to a message the pooler added: hidden
-                        if pos > start:
-                            write(memoryview(data)[start:pos])
-                        start = end
-            pos = end
-        if pos > n:  # the last message continues in the next chunk
-            self._remain = pos - n
-        elif pos < n:
-            self._partial = data[pos:]
-            n = pos
-        if start == 0 and n == len(data):
-            write(data)
-        elif n > start:
-            write(memoryview(data)[start:n])
-        if ready and self.status == 73 and not self.syncs and not self.unsynced:  # 'I'
-            client.on_ready(self)
+    # --- the forwarding state, kept by the engine ---------------------------------------------
+
+    @property
+    def forwarding(self) -> bool:
+        """Whether the server's bytes go to the client (False: read here, run_internal)."""
+        return bool(self.link.forwarding)
+
+    @forwarding.setter
+    def forwarding(self, value: bool) -> None:
+        self.link.forwarding = value
+
+    @property
+    def syncs(self) -> int:
+        """Queries/Syncs sent and not yet answered by ReadyForQuery."""
+        return self.link.syncs
+
+    @property
+    def unsynced(self) -> bool:
+        """An extended-protocol message was sent since the last Sync."""
+        return bool(self.link.unsynced)
+
+    @property
+    def status(self) -> int:
+        """The transaction status of the last ReadyForQuery (73 "I", 84 "T", 69 "E")."""
+        return self.link.status
+
+    @status.setter
+    def status(self, value: int) -> None:
+        self.link.status = value
+
+    @property
+    def midway(self) -> bool:
+        """A message from the server was forwarded in part."""
+        return bool(self.link.remain or self.link.partial)
+
+    def expect_answer(self, name: bytes, kind: int, drop: bool) -> None:
+        """A Parse/Close (KIND: its answer) was sent; DROP: hide the answer from the client."""
+        self.link.expect(name, kind, drop)
+
+    # --- called by the engine -------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.link.feed(data)  # transport mode (TLS), and while logging in
+
+    def _on_data(self, data: bytes) -> None:
+        if not self.link.forwarding:
+            self.buffer_data(data)
+        # else: an idle connection's notice or parameter report: nothing to do
+
+    def _engine_param(self, body: bytes) -> None:
+        name, value = p.parameter_from_body(body)
+        self.params[name] = value
+        if name in TRACKED:
+            self.compute_state()
+            client = self.client
+            if client is not None:
+                client.on_server_param(name, value)
+
+    def _engine_bad_length(self, kind: int, length: int) -> None:
+        log.warning(
+            "%s sent a message of type %r with invalid length %d; closing the connection",
+            self.pool.destination.describe(),
+            chr(kind),
+            length,
+        )
+        self.close()
 
     def _unanswered(self, entry: tuple[bytes, int, bool]) -> None:
         """A Parse/Close the server skipped after an error: its statement's state is unsure."""
@@ -351,24 +328,25 @@ class ServerConnection(p.FramedProtocol):
 
     def attach(self, client: ClientLink) -> None:
         self.client = client
-        self.forwarding = True
+        self.link.forwarding = 1
         self.attached_at = _monotonic()
 
     def detach(self) -> None:
+        """No longer serving a client (a message forwarded in part is dropped with it)."""
         self.client = None
-        self._partial = b""
-        self._remain = 0
+        self.link.unpair()
 
     @property
     def idle_clean(self) -> bool:
         """No answer due, no transaction open: safe to hand to another client."""
+        link = self.link
         return (
             not self.broken
-            and not self.syncs
-            and not self.unsynced
-            and self.status == 73  # "I"
-            and not self._remain
-            and not self._partial
+            and not link.syncs
+            and not link.unsynced
+            and link.status == 73  # "I"
+            and not link.remain
+            and not link.partial
         )
 
     async def run_internal(self, sql: str, timeout: float) -> str | None:
@@ -429,8 +407,11 @@ class Pool:
         settings: PoolSettings,
         *,
         on_change: Callable[[], None] | None = None,
+        engine: Engine | None = None,
     ) -> None:
         self.destination = destination
+        #: reads and forwards for the connections' sockets (None: through asyncio's transports)
+        self.engine = engine
         self.settings = settings
         self.idle: list[ServerConnection] = []
         self.active: set[ServerConnection] = set()
@@ -447,13 +428,21 @@ class Pool:
         # statistics (SHOW STATS, metrics)
         self.xact_count = 0
         self.query_count = 0
-        self.bytes_received = 0
-        self.bytes_sent = 0
+        #: bytes from clients and from servers, counted by the engine
+        self.counters = Counters()
         self.xact_time = 0.0
         self.wait_time = 0.0
         self.wait_count = 0
         self.connect_errors = 0
         self.timeouts = 0
+
+    @property
+    def bytes_received(self) -> int:
+        return self.counters.received
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.counters.sent
 
     def status_messages(
         self, tracked: tuple[str | None, ...], application_name: str
@@ -587,15 +576,14 @@ class Pool:
         """Back from a client: to a waiting client, to the idle list, or closed (NOW: the
         monotonic time when the caller has it at hand)."""
         self.active.discard(conn)
-        conn.client = None
-        conn._partial = b""
-        conn._remain = 0
+        conn.detach()
         conn.last_used = now or _monotonic()
-        if (  # not conn.idle_clean (its _partial and _remain were just cleared)
+        link = conn.link
+        if (  # not conn.idle_clean (detach() dropped what was forwarded in part)
             conn.broken
-            or conn.syncs
-            or conn.unsynced
-            or conn.status != 73
+            or link.syncs
+            or link.unsynced
+            or link.status != 73
             or self.closed
             or conn.generation != self.generation
         ):
@@ -616,7 +604,7 @@ class Pool:
                 self.active.add(conn)
                 waiter.handoff(conn)
                 return
-        conn.forwarding = True
+        link.forwarding = 1
         self.idle.append(conn)
 
     def forget(self, conn: ServerConnection) -> None:
@@ -691,7 +679,9 @@ class Pool:
         sp = startup.get("search_path")
         conn.search_path = sp
         conn.compute_state()
-        conn.forwarding = True
+        conn.link.counters = self.counters
+        conn.transport = hand_over(conn.link, conn.transport, self.engine, tls=conn.tls)  # type: ignore[assignment]
+        conn.link.forwarding = 1
         if self.defaults is None:
             self.defaults = dict(server_params)
         return conn

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from outpost.pooler import protocol as p
+from outpost.pooler._engine import Engine, Link
 from outpost.pooler.auth import AuthFailed, AuthRefused, authenticate_client
+from outpost.pooler.links import hand_over
 from outpost.pooler.pool import (
     TRACKED,
     Pool,
@@ -58,13 +60,9 @@ _SESSION_ONLY_WHAT = {
     b"hold": "WITH HOLD cursors",
 }
 
-_HEADER = p.HEADER
-_MAX = p.MAX_MESSAGE_LENGTH
-_Q, _S, _F, _X = p.F_QUERY, p.F_SYNC, p.F_FUNCTION_CALL, p.F_TERMINATE
-_P, _B, _D, _C, _E = p.F_PARSE, p.F_BIND, p.F_DESCRIBE, p.F_CLOSE, p.F_EXECUTE
+_Q, _S = p.F_QUERY, p.F_SYNC
+_P, _B, _D = p.F_PARSE, p.F_BIND, p.F_DESCRIBE
 _PC, _CC = p.B_PARSE_COMPLETE, p.B_CLOSE_COMPLETE
-_EXTENDED = frozenset((_P, _B, _D, _C, _E))
-_COUNTED = frozenset((_Q, _S, _F))
 
 
 _monotonic = time.monotonic
@@ -124,10 +122,7 @@ class ClientSession(p.FramedProtocol):
     """One client connection to the pooler."""
 
     __slots__ = (
-        "_partial",
         "_pending",
-        "_remain",
-        "_skip_to_sync",
         "_task",
         "admin",
         "application_name",
@@ -136,6 +131,7 @@ class ClientSession(p.FramedProtocol):
         "database",
         "gone",
         "key",
+        "link",
         "local",
         "login_task",
         "pid",
@@ -177,10 +173,9 @@ class ClientSession(p.FramedProtocol):
         self.connect_time = time.time()
         self.request_at = _monotonic()  # when it last got a server connection
         self.wait_started = 0.0
-        self._partial = b""
-        self._remain = 0
+        #: the forwarding engine's side of this client (its socket, once logged in)
+        self.link = Link(self, False, self.txn)
         self._pending = bytearray()
-        self._skip_to_sync = False
         self.waiting = False  # in the pool's queue
         self.wait_deadline = 0.0
         self.waiting_server = False  # data goes to _pending until a server connection comes
@@ -212,7 +207,7 @@ class ClientSession(p.FramedProtocol):
             conn.detach()
             self.srv.spawn(self._cleanup(conn))
 
-    def pause_writing(self) -> None:
+    def pause_writing(self) -> None:  # (asyncio's transport: TLS)
         if self.conn is not None:
             self.conn.transport.pause_reading()
 
@@ -225,32 +220,24 @@ class ClientSession(p.FramedProtocol):
         """When the client last got a server connection, as a Unix time."""
         return time.time() - (_monotonic() - self.request_at)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:  # from asyncio: logging in, or TLS
         if not self.ready:
             self.buffer_data(data)
             return
-        pool = self.pool
-        if pool is not None:
-            pool.bytes_received += len(data)
+        self.link.feed(data)
+
+    # --- called by the engine ---------------------------------------------------------------
+
+    def _on_data(self, data: bytes) -> None:
+        """Bytes while no server connection is attached."""
         if self.waiting_server:
             self._pending += data
-            return
-        if self._partial:
-            data = self._partial + data
-            self._partial = b""
-        conn = self.conn
-        if conn is None:
-            self._feed(data)
         else:
-            self._forward(conn, data)
-
-    # --- ClientLink (called by the server connection) ------------------------------------
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.transport.write(data)
+            self._feed(data)
 
     def on_ready(self, server: ServerConnection) -> None:
-        if self.txn and self.conn is server and not self._partial and not self._remain:
+        """ReadyForQuery(idle) with nothing outstanding (transaction mode)."""
+        if self.conn is server:
             # self._release(server), inlined: this runs once per transaction
             self.conn = None
             pool = server.pool
@@ -258,6 +245,52 @@ class ClientSession(p.FramedProtocol):
             now = _monotonic()
             pool.xact_time += now - server.attached_at
             pool.release(server, now)
+
+    def _engine_release(self) -> None:
+        """The client sent something that needs no answer (a Flush, say) between transactions."""
+        conn = self.conn
+        if conn is not None and conn.idle_clean:
+            self._release(conn)
+
+    def _engine_terminate(self) -> None:
+        self.transport.close()
+
+    def _engine_bad_length(self, kind: int, length: int) -> None:
+        conn = self.conn
+        self.fatal(
+            p.PROTOCOL_VIOLATION, f"invalid message length {length} for message type {chr(kind)!r}"
+        )
+        if conn is not None and (conn.syncs or conn.unsynced):
+            conn.broken = True
+
+    def _engine_message(self, kind: int, body: bytes) -> bytes | None:
+        """A message the engine leaves to Python (see _engine.c): None to send it as it is,
+        or the bytes to send instead (b"": nothing)."""
+        conn = self.conn
+        if conn is None:
+            return b""
+        if self.link.skip_to_sync and kind != _S:
+            return b""
+        if kind == _Q:
+            touches, match = _screen(body)
+            if touches:
+                conn.forget_search_path()
+            if match is not None:
+                self._refuse(match, conn, in_query=True)
+                return b""
+            return None
+        if kind == _P:
+            touches, match = _screen(body)
+            if touches:
+                conn.forget_search_path()
+            if match is not None:
+                match = SESSION_ONLY.search(body[body.index(b"\0") + 1 :])
+            if match is not None:
+                self._refuse(match, conn, in_query=False)
+                return b""
+        return self._rewrite(kind, body, conn)
+
+    # --- ClientLink (called by the server connection) ------------------------------------
 
     def on_server_param(self, name: str, value: str) -> None:
         self.want = {**self.want, name: value}
@@ -400,9 +433,12 @@ class ClientSession(p.FramedProtocol):
         )
         self.ready = True
         self.login_task = None
+        assert pool is not None
+        self.link.counters = pool.counters
+        self.transport = hand_over(self.link, self.transport, srv.engine, tls=self.tls)  # type: ignore[assignment]
         leftover = self.take_buffer()
         if leftover:
-            self.data_received(leftover)
+            self.link.feed(leftover)
 
     async def _admin_login(self) -> None:
         from outpost.pooler.admin import AdminSession
@@ -476,8 +512,9 @@ class ClientSession(p.FramedProtocol):
                 return
             conn.attach(self)
             self.conn = conn
+            self.link.pair(conn.link)
             self.request_at = conn.attached_at
-        self._forward(conn, data)
+        self.link.feed(data)
 
     # --- Waiter (called by the pool) ------------------------------------------------------
 
@@ -512,6 +549,7 @@ class ClientSession(p.FramedProtocol):
     def _attached(self, conn: ServerConnection) -> None:
         conn.attach(self)
         self.conn = conn
+        self.link.pair(conn.link)
         self.waiting_server = False
         pool = conn.pool
         pool.wait_time += time.monotonic() - self.wait_started
@@ -611,108 +649,6 @@ class ClientSession(p.FramedProtocol):
         self.state = _share((self.search_path, tuple(self.want.get(k) for k in TRACKED)))
         conn.compute_state()
 
-    def _forward(self, conn: ServerConnection, data: bytes) -> None:  # the hot path
-        write = conn.transport.write
-        n = len(data)
-        pos = self._remain
-        if pos:
-            if pos >= n:
-                self._remain = pos - n
-                write(data)
-                return
-            self._remain = 0
-        start = 0
-        txn = self.txn
-        while pos < n:
-            if pos + 5 > n:
-                break
-            kind, length = _HEADER.unpack_from(data, pos)
-            if length < 4 or length > _MAX:
-                self.fatal(
-                    p.PROTOCOL_VIOLATION,
-                    f"invalid message length {length} for message type {chr(kind)!r}",
-                )
-                if conn.syncs or conn.unsynced:
-                    conn.broken = True
-                return
-            end = pos + 1 + length
-            if self._skip_to_sync and kind != _S:
-                if end > n:
-                    break
-                if pos > start:
-                    write(memoryview(data)[start:pos])
-                start = pos = end
-                continue
-            if kind in _COUNTED:
-                if kind == _Q and txn:
-                    if end > n:
-                        break
-                    touches, match = _screen(data[pos + 5 : end])
-                    if touches:
-                        conn.forget_search_path()
-                    if match is not None:
-                        if pos > start:
-                            write(memoryview(data)[start:pos])
-                        start = pos = end
-                        self._refuse(match, conn, in_query=True)
-                        continue
-                elif kind == _S:
-                    conn.unsynced = False
-                    self._skip_to_sync = False
-                conn.syncs += 1
-                conn.expect.append(None)
-            elif kind in _EXTENDED:
-                conn.unsynced = True
-                if txn and kind != _E:
-                    if end > n:
-                        break
-                    body = data[pos + 5 : end]
-                    if kind == _P:
-                        touches, match = _screen(body)
-                        if touches:
-                            conn.forget_search_path()
-                        if match is not None:
-                            match = SESSION_ONLY.search(body[body.index(b"\0") + 1 :])
-                        if match is not None:
-                            if pos > start:
-                                write(memoryview(data)[start:pos])
-                            start = pos = end
-                            self._refuse(match, conn, in_query=False)
-                            continue
-                    replacement = self._rewrite(kind, body, conn)
-                    if replacement is not None:
-                        if pos > start:
-                            write(memoryview(data)[start:pos])
-                        write(replacement)
-                        start = end
-            elif kind == _X:
-                if pos > start:
-                    write(memoryview(data)[start:pos])
-                self.transport.close()
-                return
-            if end > n:
-                self._remain = end - n
-                pos = n
-                break
-            pos = end
-        if pos < n:
-            self._partial = data[pos:]
-            n = pos
-        if start == 0 and n == len(data):
-            write(data)
-        elif n > start:
-            write(memoryview(data)[start:n])
-        # nothing was sent that needs an answer (cheap checks first: this runs per message)
-        if (
-            txn
-            and not conn.syncs
-            and not conn.unsynced
-            and self.conn is conn
-            and conn.idle_clean
-            and not self._partial
-        ):
-            self._release(conn)
-
     def _refuse(self, match: re.Match[bytes], conn: ServerConnection, *, in_query: bool) -> None:
         word = (match.group(1) or match.group(2) or match.group(3) or b"").lower()
         what = _SESSION_ONLY_WHAT.get(word, "session advisory locks")
@@ -727,15 +663,15 @@ class ClientSession(p.FramedProtocol):
             self.transport.write(error + p.ready_for_query(status))
         else:
             self.transport.write(error)
-            self._skip_to_sync = True
+            self.link.skip_to_sync = 1
 
     def _rewrite(self, kind: int, body: bytes, conn: ServerConnection) -> bytes | None:
         """Named prepared statements: the client's names become per-query server names."""
-        expect = conn.expect
+        expect = conn.expect_answer
         if kind == _P:
             name, pos = p.split_cstring(body)
             if not name:
-                expect.append((b"", _PC, False))
+                expect(b"", _PC, False)
                 return None
             rest = body[pos:]
             sname = self.srv.statement_name(rest)
@@ -744,13 +680,13 @@ class ClientSession(p.FramedProtocol):
             if sname in conn.prepared or sname in conn.uncertain:
                 conn.prepared.pop(sname, None)
                 conn.uncertain.discard(sname)
-                expect.append((sname, _CC, True))
+                expect(sname, _CC, True)
                 out += p.close_statement(sname)
-            expect.append((sname, _PC, False))
+            expect(sname, _PC, False)
             out += p.parse_message(sname, rest)
             old = conn.remember_prepared(sname)
             if old is not None:
-                expect.append((old, _CC, True))
+                expect(old, _CC, True)
                 out += p.close_statement(old)
             return out
         if kind == _B:
@@ -779,9 +715,9 @@ class ClientSession(p.FramedProtocol):
             if entry is not None:
                 sname = entry[0]
                 conn.prepared.pop(sname, None)
-                expect.append((sname, _CC, False))
+                expect(sname, _CC, False)
                 return p.close_statement(sname)
-        expect.append((b"", _CC, False))
+        expect(b"", _CC, False)
         return None
 
     def _ensure(self, conn: ServerConnection, sname: bytes, rest: bytes) -> bytes:
@@ -792,13 +728,13 @@ class ClientSession(p.FramedProtocol):
         out = b""
         if sname in conn.uncertain:
             conn.uncertain.discard(sname)
-            conn.expect.append((sname, _CC, True))
+            conn.expect_answer(sname, _CC, True)
             out += p.close_statement(sname)
-        conn.expect.append((sname, _PC, True))
+        conn.expect_answer(sname, _PC, True)
         out += p.parse_message(sname, rest)
         old = conn.remember_prepared(sname)
         if old is not None:
-            conn.expect.append((old, _CC, True))
+            conn.expect_answer(old, _CC, True)
             out += p.close_statement(old)
         return out
 
@@ -814,7 +750,7 @@ class ClientSession(p.FramedProtocol):
         """The client left while holding CONN: roll back and reset it, or close it."""
         pool = conn.pool
         timeout = pool.settings.close_timeout
-        if conn.broken or conn.syncs or conn.unsynced or conn._remain or conn._partial:
+        if conn.broken or conn.syncs or conn.unsynced or conn.midway:
             conn.close()
             pool.forget(conn)
             return
@@ -870,6 +806,8 @@ class PoolerServer:
         self.sockets: list[socket.socket] = []
         self.paused = False
         self.reloads = 0
+        #: reads, frames and forwards for the logged-in clients' and servers' sockets
+        self.engine: Engine | None = None
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -897,6 +835,8 @@ class PoolerServer:
 
     async def start(self, sockets: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
+        self.engine = engine = Engine(loop.call_soon)
+        loop.add_reader(engine.fileno(), engine.poll)
         self.sockets = sockets
         for sock in sockets:
             server = await loop.create_server(lambda: ClientSession(self), sock=sock)
@@ -926,6 +866,11 @@ class PoolerServer:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
                     await server.wait_closed()
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            await asyncio.sleep(0)  # the goodbyes written above are sent
+            asyncio.get_running_loop().remove_reader(engine.fileno())
+            engine.close()
         if self.runtime_dir is not None and self.workers > 1:
             with contextlib.suppress(OSError):
                 cancel_socket_path(self.runtime_dir, self.worker_id).unlink()
@@ -1016,7 +961,7 @@ class PoolerServer:
     def pool_for(self, dest: Destination) -> Pool:
         pool = self.pools.get(dest.pool_key)
         if pool is None:
-            pool = Pool(dest, self.settings)
+            pool = Pool(dest, self.settings, engine=self.engine)
             pool.paused = self.paused
             self.pools[dest.pool_key] = pool
         elif pool.destination != dest:  # new password or TLS settings: busy clients carry on

@@ -1,0 +1,1290 @@
+/* The pooler's forwarding engine: frame-and-forward in C, everything else in Python.
+ *
+ * A Link is one logged-in connection (a client, or a server connection). Once the Python side
+ * has logged it in, a plain TCP connection's socket is handed to the Engine (raw mode): the
+ * engine's epoll set is watched by the asyncio loop (loop.add_reader(engine.fileno(), poll)),
+ * and poll() reads, frames and forwards in C. A TLS connection keeps its asyncio transport
+ * (transport mode): its protocol feeds the bytes it receives to Link.feed() and the engine
+ * writes through transport.write(); the framing is the same.
+ *
+ * While a client Link is paired with a server Link, bytes flow between them here. The engine
+ * calls back into Python only where pooling decisions are made:
+ *
+ *   client owner: _on_data(bytes)            bytes while not paired (or not forwarding)
+ *                 _engine_message(kind, body) -> bytes | None
+ *                                            a message Python must see: a Query or Parse that
+ *                                            mentions search_path/reset/discard/listen/advisory/
+ *                                            hold, a named Parse/Bind/Describe/Close in
+ *                                            transaction mode, anything while skipping to Sync.
+ *                                            None: forward it unchanged; bytes: send these
+ *                                            instead (b"": nothing, and no bookkeeping)
+ *                 _engine_terminate()        Terminate ('X')
+ *                 _engine_bad_length(kind, length)
+ *                 _engine_release()          a chunk ended with nothing outstanding
+ *                 on_ready(server_owner)     ReadyForQuery(idle) with nothing outstanding
+ *   server owner: _on_data(bytes), _engine_param(body), _unanswered((name, kind, drop)),
+ *                 _engine_bad_length(kind, length)
+ *   both:         connection_lost(exc)       via loop.call_soon, once (raw mode only)
+ *
+ * The server Link keeps what is outstanding: Syncs/Queries not yet answered by ReadyForQuery
+ * ('syncs'), an extended-protocol message since the last Sync ('unsynced'), the transaction
+ * status, and the queue of ParseComplete/CloseComplete answers due (those of statements the
+ * pooler added itself are hidden from the client).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define MAX_MESSAGE_LENGTH 0x3FFFFFFF
+#define READ_SIZE (256 * 1024)
+#define HIGH_WATER (256 * 1024)
+#define LOW_WATER (64 * 1024)
+#define MAX_EVENTS 256
+
+typedef struct EngineObject EngineObject;
+typedef struct LinkObject LinkObject;
+
+/* --- Counters: bytes in and out of one pool, shared by its links --------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    long long received; /* from clients */
+    long long sent;     /* from servers */
+} CountersObject;
+
+static PyMemberDef Counters_members[] = {
+    {"received", T_LONGLONG, offsetof(CountersObject, received), 0, "bytes from clients"},
+    {"sent", T_LONGLONG, offsetof(CountersObject, sent), 0, "bytes from servers"},
+    {NULL},
+};
+
+static PyTypeObject CountersType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "outpost.pooler._engine.Counters",
+    .tp_basicsize = sizeof(CountersObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_members = Counters_members,
+    .tp_doc = "Bytes received from clients and sent by servers (one per pool).",
+};
+
+/* --- Engine ---------------------------------------------------------------------------------- */
+
+struct EngineObject {
+    PyObject_HEAD
+    int epfd;
+    PyObject *call_soon; /* loop.call_soon */
+    PyObject *links;     /* dict fd -> Link: keeps every registered link alive */
+    char *rbuf;
+};
+
+typedef struct {
+    char kind;  /* 'Z' (a Sync/Query's ReadyForQuery), '1' or '3' */
+    char drop;  /* hide the answer from the client */
+    PyObject *name; /* statement name (bytes) or NULL */
+} Expect;
+
+struct LinkObject {
+    PyObject_HEAD
+    EngineObject *engine;
+    PyObject *owner;
+    PyObject *transport; /* transport mode: the asyncio transport; NULL in raw mode */
+    PyObject *extra;     /* get_extra_info values (dict) */
+    LinkObject *peer;
+    CountersObject *counters;
+    int fd;
+    int server;
+    int forwarding;
+    int txn;
+    int reading;   /* the application wants to read */
+    int throttled; /* paused because the peer's output is full */
+    uint32_t events;
+    int closing;
+    int closed;
+    /* output (raw mode) */
+    char *out;
+    Py_ssize_t out_start, out_end, out_cap;
+    /* framing */
+    char *part;
+    Py_ssize_t part_len, part_cap;
+    Py_ssize_t remain;
+    int skip_to_sync;
+    /* server side */
+    int syncs;
+    int unsynced;
+    int status;
+    Expect *exp;
+    Py_ssize_t exp_head, exp_len, exp_cap;
+};
+
+static PyTypeObject LinkType;
+static PyTypeObject EngineType;
+
+static PyObject *s_on_data, *s_engine_message, *s_engine_terminate, *s_engine_bad_length,
+    *s_engine_release, *s_on_ready, *s_engine_param, *s_unanswered, *s_connection_lost,
+    *s_write;
+
+/* --- small helpers ----------------------------------------------------------------------------- */
+
+static inline uint32_t be32(const char *p) {
+    const unsigned char *u = (const unsigned char *)p;
+    return ((uint32_t)u[0] << 24) | ((uint32_t)u[1] << 16) | ((uint32_t)u[2] << 8) | u[3];
+}
+
+static int ensure_cap(char **buf, Py_ssize_t *cap, Py_ssize_t need) {
+    if (need <= *cap)
+        return 0;
+    Py_ssize_t n = *cap ? *cap : 256;
+    while (n < need)
+        n *= 2;
+    char *b = PyMem_Realloc(*buf, n);
+    if (b == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *buf = b;
+    *cap = n;
+    return 0;
+}
+
+static inline char lower(char c) { return (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c; }
+
+/* Case-insensitive: does BODY mention a word that may need Python's attention? */
+static int mentions_keyword(const char *s, Py_ssize_t n) {
+    static const struct {
+        const char *w;
+        Py_ssize_t n;
+    } words[] = {{"search_path", 11}, {"reset", 5}, {"discard", 7},
+                 {"listen", 6},       {"advisory", 8}, {"hold", 4}};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char c = lower(s[i]);
+        if (c != 's' && c != 'r' && c != 'd' && c != 'l' && c != 'a' && c != 'h')
+            continue;
+        for (size_t k = 0; k < sizeof(words) / sizeof(words[0]); k++) {
+            Py_ssize_t wn = words[k].n;
+            if (words[k].w[0] != c || i + wn > n)
+                continue;
+            Py_ssize_t j = 1;
+            while (j < wn && lower(s[i + j]) == words[k].w[j])
+                j++;
+            if (j == wn)
+                return 1;
+        }
+    }
+    return 0;
+}
+
+/* --- the expected-answers queue (server links) ------------------------------------------------ */
+
+static int expect_push(LinkObject *s, char kind, char drop, PyObject *name) {
+    if (s->exp_len == s->exp_cap) {
+        Py_ssize_t cap = s->exp_cap ? s->exp_cap * 2 : 16;
+        Expect *e = PyMem_Malloc(cap * sizeof(Expect));
+        if (e == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < s->exp_len; i++)
+            e[i] = s->exp[(s->exp_head + i) % s->exp_cap];
+        PyMem_Free(s->exp);
+        s->exp = e;
+        s->exp_head = 0;
+        s->exp_cap = cap;
+    }
+    Expect *slot = &s->exp[(s->exp_head + s->exp_len) % s->exp_cap];
+    slot->kind = kind;
+    slot->drop = drop;
+    Py_XINCREF(name);
+    slot->name = name;
+    s->exp_len++;
+    return 0;
+}
+
+static Expect expect_pop(LinkObject *s) {
+    Expect e = s->exp[s->exp_head];
+    s->exp_head = (s->exp_head + 1) % s->exp_cap;
+    s->exp_len--;
+    return e;
+}
+
+static void expect_clear(LinkObject *s) {
+    while (s->exp_len) {
+        Expect e = expect_pop(s);
+        Py_XDECREF(e.name);
+    }
+}
+
+/* --- raw-mode I/O ------------------------------------------------------------------------------- */
+
+static void update_events(LinkObject *l) {
+    if (l->fd < 0 || l->closed)
+        return;
+    uint32_t ev = 0;
+    if (l->reading && !l->throttled && !l->closing)
+        ev |= EPOLLIN;
+    if (l->out_end > l->out_start)
+        ev |= EPOLLOUT;
+    if (ev == l->events)
+        return;
+    struct epoll_event e = {.events = ev, .data.ptr = l};
+    epoll_ctl(l->engine->epfd, EPOLL_CTL_MOD, l->fd, &e);
+    l->events = ev;
+}
+
+/* Close the socket and tell the owner (later, from the loop), once. EXC may be NULL. */
+static void link_finish(LinkObject *l, PyObject *exc) {
+    if (l->closed)
+        return;
+    l->closed = 1;
+    l->out_start = l->out_end = 0;
+    if (l->fd >= 0) {
+        int fd = l->fd;
+        epoll_ctl(l->engine->epfd, EPOLL_CTL_DEL, fd, NULL);
+        close(fd);
+        l->fd = -1;
+        PyObject *key = PyLong_FromLong(fd);
+        Py_INCREF(l); /* the dict may hold the last reference */
+        if (key != NULL) {
+            if (PyDict_DelItem(l->engine->links, key) < 0)
+                PyErr_Clear();
+            Py_DECREF(key);
+        } else {
+            PyErr_Clear();
+        }
+        if (l->owner != NULL && l->owner != Py_None) {
+            PyObject *cb = PyObject_GetAttr(l->owner, s_connection_lost);
+            if (cb != NULL) {
+                PyObject *r = PyObject_CallFunctionObjArgs(l->engine->call_soon, cb,
+                                                           exc ? exc : Py_None, NULL);
+                Py_XDECREF(r);
+                Py_DECREF(cb);
+            }
+            if (PyErr_Occurred())
+                PyErr_WriteUnraisable((PyObject *)l);
+        }
+        Py_DECREF(l);
+    }
+}
+
+static PyObject *os_error(int err) {
+    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
+    if (exc == NULL)
+        PyErr_Clear();
+    return exc;
+}
+
+static void link_fail(LinkObject *l, int err) {
+    PyObject *exc = err ? os_error(err) : NULL;
+    link_finish(l, exc);
+    Py_XDECREF(exc);
+}
+
+static void set_throttle(LinkObject *l, int on) {
+    if (l == NULL || l->closed || l->throttled == on)
+        return;
+    l->throttled = on;
+    if (l->transport != NULL) {
+        PyObject *r = PyObject_CallMethod(l->transport, on ? "pause_reading" : "resume_reading",
+                                          NULL);
+        if (r == NULL)
+            PyErr_WriteUnraisable((PyObject *)l);
+        Py_XDECREF(r);
+    } else {
+        update_events(l);
+    }
+}
+
+/* Send what is buffered; returns 0, or -1 when the link failed (and was finished). */
+static int flush_out(LinkObject *l) {
+    while (l->out_end > l->out_start) {
+        ssize_t w = send(l->fd, l->out + l->out_start, l->out_end - l->out_start,
+                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            link_fail(l, errno);
+            return -1;
+        }
+        l->out_start += w;
+    }
+    if (l->out_start == l->out_end) {
+        l->out_start = l->out_end = 0;
+        if (l->closing) {
+            link_finish(l, NULL);
+            return 0;
+        }
+    }
+    if (l->out_end - l->out_start < LOW_WATER && l->peer != NULL && l->peer->throttled)
+        set_throttle(l->peer, 0);
+    update_events(l);
+    return 0;
+}
+
+/* Queue LEN bytes for L (raw: send now when nothing is waiting; transport: write()). */
+static int link_out(LinkObject *l, const char *data, Py_ssize_t len) {
+    if (len <= 0 || l->closed)
+        return 0;
+    if (l->fd < 0 && l->transport == NULL) /* no I/O yet (being logged in): nothing to send */
+        return 0;
+    if (l->transport != NULL) {
+        PyObject *b = PyBytes_FromStringAndSize(data, len);
+        if (b == NULL)
+            return -1;
+        PyObject *r = PyObject_CallMethodOneArg(l->transport, s_write, b);
+        Py_DECREF(b);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        return 0;
+    }
+    if (l->closing)
+        return 0;
+    if (l->out_end == l->out_start) {
+        for (;;) {
+            ssize_t w = send(l->fd, data, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (w == len)
+                return 0;
+            if (w >= 0) {
+                data += w;
+                len -= w;
+                continue;
+            }
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            link_fail(l, errno);
+            return 0;
+        }
+        l->out_start = l->out_end = 0;
+    }
+    if (ensure_cap(&l->out, &l->out_cap, l->out_end + len) < 0)
+        return -1;
+    memcpy(l->out + l->out_end, data, len);
+    l->out_end += len;
+    if (l->out_end - l->out_start > HIGH_WATER && l->peer != NULL && l->peer->forwarding)
+        set_throttle(l->peer, 1);
+    update_events(l);
+    return 0;
+}
+
+/* --- calling Python ------------------------------------------------------------------------------ */
+
+static PyObject *call1(PyObject *owner, PyObject *name, PyObject *arg) {
+    return PyObject_CallMethodOneArg(owner, name, arg);
+}
+
+static int call_on_data(LinkObject *l, const char *data, Py_ssize_t n) {
+    if (n <= 0)
+        return 0;
+    PyObject *b = PyBytes_FromStringAndSize(data, n);
+    if (b == NULL)
+        return -1;
+    PyObject *r = call1(l->owner, s_on_data, b);
+    Py_DECREF(b);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int call_bad_length(LinkObject *l, int kind, uint32_t length) {
+    PyObject *r = PyObject_CallMethod(l->owner, "_engine_bad_length", "iI", kind, length);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* --- framing: client -> server ---------------------------------------------------------------------- */
+
+static int dispatch(LinkObject *l, const char *data, Py_ssize_t n);
+
+/* Store DATA[POS:N] as the partial message to finish with the next bytes. */
+static int keep_partial(LinkObject *l, const char *data, Py_ssize_t pos, Py_ssize_t n) {
+    Py_ssize_t len = n - pos;
+    if (ensure_cap(&l->part, &l->part_cap, len) < 0)
+        return -1;
+    memmove(l->part, data + pos, len);
+    l->part_len = len;
+    return 0;
+}
+
+/* What a statement name in a Parse/Bind/Describe/Close body looks like. */
+static inline int cstring_end(const char *body, Py_ssize_t blen, Py_ssize_t from) {
+    const char *z = memchr(body + from, 0, blen - from);
+    return z ? (int)(z - body) : -1;
+}
+
+/* Whether the engine can handle an extended-protocol message itself (transaction mode). */
+static int extended_is_plain(int kind, const char *body, Py_ssize_t blen) {
+    if (blen <= 0)
+        return 0;
+    switch (kind) {
+    case 'P': {
+        if (body[0] != 0)
+            return 0; /* a named statement: renamed by Python */
+        int q_end = cstring_end(body, blen, 1);
+        if (q_end < 0)
+            return 0;
+        return !mentions_keyword(body + 1, q_end - 1);
+    }
+    case 'B': {
+        int portal_end = cstring_end(body, blen, 0);
+        if (portal_end < 0 || portal_end + 1 >= blen)
+            return 0;
+        return body[portal_end + 1] == 0;
+    }
+    case 'D':
+    case 'C':
+        if (body[0] != 'S')
+            return 1; /* a portal */
+        return blen >= 2 && body[1] == 0;
+    }
+    return 0;
+}
+
+/* Bookkeeping for a client message sent to the server: the answers it is due (ANSWERS: also
+ * the ParseComplete/CloseComplete of an unnamed Parse/Close; Python queues its own). */
+static int account_client(LinkObject *s, int kind, int answers) {
+    switch (kind) {
+    case 'S':
+        s->unsynced = 0;
+        /* fallthrough */
+    case 'Q':
+    case 'F':
+        s->syncs++;
+        return expect_push(s, 'Z', 0, NULL);
+    case 'P':
+        s->unsynced = 1;
+        return answers ? expect_push(s, '1', 0, NULL) : 0;
+    case 'C':
+        s->unsynced = 1;
+        return answers ? expect_push(s, '3', 0, NULL) : 0;
+    case 'B':
+    case 'D':
+    case 'E':
+        s->unsynced = 1;
+        return 0;
+    }
+    return 0;
+}
+
+static int scan_client(LinkObject *c, LinkObject *s, const char *data, Py_ssize_t n) {
+    Py_ssize_t pos = c->remain, start = 0;
+    int txn = c->txn;
+    if (pos) {
+        if (pos >= n) {
+            c->remain = pos - n;
+            return link_out(s, data, n);
+        }
+        c->remain = 0;
+    }
+    while (pos < n) {
+        if (pos + 5 > n)
+            break;
+        int kind = (unsigned char)data[pos];
+        uint32_t length = be32(data + pos + 1);
+        if (length < 4 || length > MAX_MESSAGE_LENGTH) {
+            if (link_out(s, data + start, pos - start) < 0)
+                return -1;
+            return call_bad_length(c, kind, length);
+        }
+        Py_ssize_t end = pos + 1 + (Py_ssize_t)length;
+        const char *body = data + pos + 5;
+        Py_ssize_t blen = (Py_ssize_t)length - 4;
+        int python = 0;
+        if (c->skip_to_sync && kind != 'S') {
+            python = 1;
+        } else if (kind == 'X') {
+            if (link_out(s, data + start, pos - start) < 0)
+                return -1;
+            PyObject *r = PyObject_CallMethodNoArgs(c->owner, s_engine_terminate);
+            if (r == NULL)
+                return -1;
+            Py_DECREF(r);
+            return 0;
+        } else if (txn) {
+            if (kind == 'Q') {
+                if (end > n)
+                    break;
+                python = mentions_keyword(body, blen);
+            } else if (kind == 'P' || kind == 'B' || kind == 'D' || kind == 'C') {
+                if (end > n)
+                    break;
+                python = !extended_is_plain(kind, body, blen);
+            }
+        }
+        if (python) {
+            if (end > n)
+                break;
+            if (link_out(s, data + start, pos - start) < 0)
+                return -1;
+            start = end;
+            if (!c->skip_to_sync &&
+                (kind == 'P' || kind == 'B' || kind == 'D' || kind == 'C' || kind == 'E'))
+                s->unsynced = 1;
+            PyObject *bodyb = PyBytes_FromStringAndSize(body, blen);
+            if (bodyb == NULL)
+                return -1;
+            PyObject *r = PyObject_CallMethod(c->owner, "_engine_message", "iO", kind, bodyb);
+            Py_DECREF(bodyb);
+            if (r == NULL)
+                return -1;
+            int forward = 0;
+            if (r == Py_None) {
+                forward = 1;
+                if (link_out(s, data + pos, end - pos) < 0) {
+                    Py_DECREF(r);
+                    return -1;
+                }
+            } else if (PyBytes_Check(r)) {
+                forward = PyBytes_GET_SIZE(r) > 0;
+                if (link_out(s, PyBytes_AS_STRING(r), PyBytes_GET_SIZE(r)) < 0) {
+                    Py_DECREF(r);
+                    return -1;
+                }
+            }
+            Py_DECREF(r);
+            if (forward && account_client(s, kind, 0) < 0)
+                return -1;
+            if (forward && kind == 'S')
+                c->skip_to_sync = 0;
+            if (c->closed || c->peer != s || !c->forwarding) {
+                /* Python changed the picture: the rest goes through dispatch again */
+                pos = end;
+                if (pos < n && !c->closed)
+                    return dispatch(c, data + pos, n - pos);
+                return 0;
+            }
+            pos = end;
+            continue;
+        }
+        if (kind == 'S')
+            c->skip_to_sync = 0;
+        if (account_client(s, kind, txn) < 0)
+            return -1;
+        if (end > n) {
+            c->remain = end - n;
+            pos = n;
+            break;
+        }
+        pos = end;
+    }
+    if (pos < n) {
+        if (keep_partial(c, data, pos, n) < 0)
+            return -1;
+        n = pos;
+    }
+    if (n > start && link_out(s, data + start, n - start) < 0)
+        return -1;
+    if (txn && !s->syncs && !s->unsynced && c->peer == s && !c->part_len && !c->remain &&
+        s->status == 'I' && !s->remain && !s->part_len) {
+        PyObject *r = PyObject_CallMethodNoArgs(c->owner, s_engine_release);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+/* --- framing: server -> client --------------------------------------------------------------------- */
+
+static int scan_server(LinkObject *s, LinkObject *c, const char *data, Py_ssize_t n) {
+    Py_ssize_t pos = s->remain, start = 0;
+    int ready = 0;
+    if (pos) {
+        if (pos >= n) {
+            s->remain = pos - n;
+            return link_out(c, data, n);
+        }
+        s->remain = 0;
+    }
+    while (pos + 5 <= n) {
+        int kind = (unsigned char)data[pos];
+        uint32_t length = be32(data + pos + 1);
+        if (length < 4 || length > MAX_MESSAGE_LENGTH) {
+            if (link_out(c, data + start, pos - start) < 0)
+                return -1;
+            return call_bad_length(s, kind, length);
+        }
+        Py_ssize_t end = pos + 1 + (Py_ssize_t)length;
+        if (kind == 'Z') {
+            if (end > n)
+                break;
+            s->status = (unsigned char)data[pos + 5];
+            while (s->exp_len) {
+                Expect e = expect_pop(s);
+                if (e.kind == 'Z')
+                    break;
+                if (e.name != NULL) {
+                    PyObject *entry = Py_BuildValue("(OiO)", e.name, e.kind == '1' ? '1' : '3',
+                                                    e.drop ? Py_True : Py_False);
+                    Py_DECREF(e.name);
+                    if (entry == NULL)
+                        return -1;
+                    PyObject *r = call1(s->owner, s_unanswered, entry);
+                    Py_DECREF(entry);
+                    if (r == NULL)
+                        return -1;
+                    Py_DECREF(r);
+                }
+            }
+            if (s->syncs)
+                s->syncs--;
+            ready = 1;
+        } else if (kind == 'S') {
+            if (end > n)
+                break;
+            PyObject *b = PyBytes_FromStringAndSize(data + pos + 5, end - pos - 5);
+            if (b == NULL)
+                return -1;
+            PyObject *r = call1(s->owner, s_engine_param, b);
+            Py_DECREF(b);
+            if (r == NULL)
+                return -1;
+            Py_DECREF(r);
+        } else if ((kind == '1' || kind == '3') && s->exp_len &&
+                   s->exp[s->exp_head].kind != 'Z') {
+            if (end > n)
+                break;
+            Expect e = expect_pop(s);
+            Py_XDECREF(e.name);
+            if (e.drop) { /* the answer to a message the pooler added: hidden */
+                if (link_out(c, data + start, pos - start) < 0)
+                    return -1;
+                start = end;
+            }
+        }
+        pos = end;
+    }
+    if (pos > n) {
+        s->remain = pos - n;
+    } else if (pos < n) {
+        if (keep_partial(s, data, pos, n) < 0)
+            return -1;
+        n = pos;
+    }
+    if (n > start && link_out(c, data + start, n - start) < 0)
+        return -1;
+    if (ready && s->status == 'I' && !s->syncs && !s->unsynced && c->peer == s && c->txn &&
+        !c->part_len && !c->remain) {
+        PyObject *r = call1(c->owner, s_on_ready, s->owner);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+/* Bytes from L's socket (or transport): frame and forward, or hand them to Python. */
+static int dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
+    if (l->closed)
+        return 0;
+    LinkObject *peer = l->peer;
+    if (peer == NULL || !l->forwarding || peer->closed) {
+        if (l->part_len) { /* bytes kept from a message cut in two go first */
+            Py_ssize_t plen = l->part_len;
+            l->part_len = 0;
+            PyObject *b = PyBytes_FromStringAndSize(NULL, plen + n);
+            if (b == NULL)
+                return -1;
+            memcpy(PyBytes_AS_STRING(b), l->part, plen);
+            memcpy(PyBytes_AS_STRING(b) + plen, data, n);
+            PyObject *r = call1(l->owner, s_on_data, b);
+            Py_DECREF(b);
+            if (r == NULL)
+                return -1;
+            Py_DECREF(r);
+            return 0;
+        }
+        return call_on_data(l, data, n);
+    }
+    if (l->counters != NULL) {
+        if (l->server)
+            l->counters->sent += n;
+        else
+            l->counters->received += n;
+    }
+    int rc;
+    Py_INCREF(peer);
+    if (l->part_len) {
+        /* finish the partial message: work on a private copy of partial + data */
+        Py_ssize_t total = l->part_len + n;
+        char *tmp = PyMem_Malloc(total);
+        if (tmp == NULL) {
+            Py_DECREF(peer);
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(tmp, l->part, l->part_len);
+        memcpy(tmp + l->part_len, data, n);
+        l->part_len = 0;
+        rc = l->server ? scan_server(l, peer, tmp, total) : scan_client(l, peer, tmp, total);
+        PyMem_Free(tmp);
+    } else {
+        rc = l->server ? scan_server(l, peer, data, n) : scan_client(l, peer, data, n);
+    }
+    Py_DECREF(peer);
+    return rc;
+}
+
+/* --- Link: Python methods ------------------------------------------------------------------------- */
+
+static int Link_traverse(LinkObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->engine);
+    Py_VISIT(self->owner);
+    Py_VISIT(self->transport);
+    Py_VISIT(self->extra);
+    Py_VISIT(self->peer);
+    Py_VISIT(self->counters);
+    for (Py_ssize_t i = 0; i < self->exp_len; i++)
+        Py_VISIT(self->exp[(self->exp_head + i) % self->exp_cap].name);
+    return 0;
+}
+
+static int Link_clear(LinkObject *self) {
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->transport);
+    Py_CLEAR(self->extra);
+    Py_CLEAR(self->peer);
+    Py_CLEAR(self->counters);
+    expect_clear(self);
+    Py_CLEAR(self->engine);
+    return 0;
+}
+
+static void Link_dealloc(LinkObject *self) {
+    PyObject_GC_UnTrack(self);
+    if (self->fd >= 0) { /* not reachable while registered (the engine holds it) */
+        close(self->fd);
+        self->fd = -1;
+    }
+    Link_clear(self);
+    PyMem_Free(self->out);
+    PyMem_Free(self->part);
+    PyMem_Free(self->exp);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Link_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"owner", "server", "txn", NULL};
+    PyObject *owner;
+    int server, txn;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Opp", kwlist, &owner, &server, &txn))
+        return NULL;
+    LinkObject *self = (LinkObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    Py_INCREF(owner);
+    self->owner = owner;
+    self->server = server;
+    self->txn = txn;
+    self->status = 'I';
+    self->reading = 1;
+    self->forwarding = 1;
+    self->fd = -1;
+    return (PyObject *)self;
+}
+
+/* Give the link its I/O: an asyncio transport (written to with write()) ... */
+static PyObject *Link_use_transport(LinkObject *self, PyObject *transport) {
+    if (self->fd >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the link already owns a socket");
+        return NULL;
+    }
+    Py_INCREF(transport);
+    Py_XSETREF(self->transport, transport);
+    Py_RETURN_NONE;
+}
+
+/* ... or a socket the engine reads and writes itself (the caller hands over FD). */
+static PyObject *Link_adopt(LinkObject *self, PyObject *args) {
+    PyObject *engine, *extra;
+    int fd;
+    if (!PyArg_ParseTuple(args, "O!iO!", &EngineType, &engine, &fd, &PyDict_Type, &extra))
+        return NULL;
+    EngineObject *eng = (EngineObject *)engine;
+    if (self->fd >= 0 || self->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "the link already owns a socket");
+        return NULL;
+    }
+    if (eng->epfd < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine is closed");
+        return NULL;
+    }
+    uint32_t ev = (self->reading && !self->throttled) ? EPOLLIN : 0;
+    struct epoll_event e = {.events = ev, .data.ptr = self};
+    if (epoll_ctl(eng->epfd, EPOLL_CTL_ADD, fd, &e) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *key = PyLong_FromLong(fd);
+    if (key == NULL || PyDict_SetItem(eng->links, key, (PyObject *)self) < 0) {
+        Py_XDECREF(key);
+        epoll_ctl(eng->epfd, EPOLL_CTL_DEL, fd, NULL);
+        return NULL;
+    }
+    Py_DECREF(key);
+    self->fd = fd;
+    self->events = ev;
+    Py_INCREF(engine);
+    Py_XSETREF(self->engine, eng);
+    Py_INCREF(extra);
+    Py_XSETREF(self->extra, extra);
+    Py_CLEAR(self->transport);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Link_write(LinkObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int rc = link_out(self, view.buf, view.len);
+    PyBuffer_Release(&view);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Link_close(LinkObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->closed || self->closing)
+        Py_RETURN_NONE;
+    if (self->transport != NULL)
+        return PyObject_CallMethod(self->transport, "close", NULL);
+    if (self->out_end > self->out_start) {
+        self->closing = 1;
+        update_events(self);
+    } else {
+        link_finish(self, NULL);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Link_abort(LinkObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->transport != NULL)
+        return PyObject_CallMethod(self->transport, "abort", NULL);
+    link_finish(self, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Link_is_closing(LinkObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->transport != NULL)
+        return PyObject_CallMethod(self->transport, "is_closing", NULL);
+    return PyBool_FromLong(self->closing || self->closed);
+}
+
+static PyObject *Link_pause_reading(LinkObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->transport != NULL)
+        return PyObject_CallMethod(self->transport, "pause_reading", NULL);
+    self->reading = 0;
+    update_events(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Link_resume_reading(LinkObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->transport != NULL)
+        return PyObject_CallMethod(self->transport, "resume_reading", NULL);
+    self->reading = 1;
+    update_events(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Link_get_write_buffer_size(LinkObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->transport != NULL)
+        return PyObject_CallMethod(self->transport, "get_write_buffer_size", NULL);
+    return PyLong_FromSsize_t(self->out_end - self->out_start);
+}
+
+static PyObject *Link_get_extra_info(LinkObject *self, PyObject *args) {
+    PyObject *name, *dflt = Py_None;
+    if (!PyArg_ParseTuple(args, "O|O", &name, &dflt))
+        return NULL;
+    if (self->transport != NULL)
+        return PyObject_CallMethod(self->transport, "get_extra_info", "OO", name, dflt);
+    PyObject *v = self->extra ? PyDict_GetItemWithError(self->extra, name) : NULL;
+    if (v == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        v = dflt;
+    }
+    Py_INCREF(v);
+    return v;
+}
+
+static PyObject *Link_pair(LinkObject *self, PyObject *arg) {
+    if (!PyObject_TypeCheck(arg, &LinkType)) {
+        PyErr_SetString(PyExc_TypeError, "pair() takes a Link");
+        return NULL;
+    }
+    LinkObject *other = (LinkObject *)arg;
+    if (self->server == other->server) {
+        PyErr_SetString(PyExc_ValueError, "pair() joins a client link and a server link");
+        return NULL;
+    }
+    Py_INCREF(other);
+    Py_XSETREF(self->peer, other);
+    Py_INCREF(self);
+    Py_XSETREF(other->peer, self);
+    LinkObject *s = self->server ? self : other;
+    s->forwarding = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Link_unpair(LinkObject *self, PyObject *Py_UNUSED(ignored)) {
+    LinkObject *other = self->peer;
+    if (other != NULL) {
+        if (other->peer == self) {
+            set_throttle(other, 0);
+            Py_CLEAR(other->peer);
+        }
+        set_throttle(self, 0);
+        Py_CLEAR(self->peer);
+    }
+    if (self->server) { /* the half-forwarded rest of a message is no longer anybody's */
+        self->part_len = 0;
+        self->remain = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Link_feed(LinkObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_INCREF(self);
+    int rc = dispatch(self, view.buf, view.len);
+    Py_DECREF(self);
+    PyBuffer_Release(&view);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Link_expect(LinkObject *self, PyObject *args) {
+    PyObject *name;
+    int kind, drop;
+    if (!PyArg_ParseTuple(args, "Sip", &name, &kind, &drop))
+        return NULL;
+    if (kind != '1' && kind != '3') {
+        PyErr_SetString(PyExc_ValueError, "expect() takes ParseComplete or CloseComplete");
+        return NULL;
+    }
+    if (expect_push(self, (char)kind, (char)drop, PyBytes_GET_SIZE(name) ? name : NULL) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Link_reset_answers(LinkObject *self, PyObject *Py_UNUSED(ignored)) {
+    expect_clear(self);
+    self->syncs = 0;
+    self->unsynced = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Link_get_partial(LinkObject *self, void *Py_UNUSED(closure)) {
+    return PyBytes_FromStringAndSize(self->part, self->part_len);
+}
+
+static int Link_set_partial(LinkObject *self, PyObject *value, void *Py_UNUSED(closure)) {
+    if (value == NULL || !PyBytes_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "partial is bytes");
+        return -1;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(value);
+    if (ensure_cap(&self->part, &self->part_cap, n) < 0)
+        return -1;
+    memcpy(self->part, PyBytes_AS_STRING(value), n);
+    self->part_len = n;
+    return 0;
+}
+
+static PyObject *Link_get_peer(LinkObject *self, void *Py_UNUSED(closure)) {
+    PyObject *p = self->peer ? (PyObject *)self->peer : Py_None;
+    Py_INCREF(p);
+    return p;
+}
+
+static PyObject *Link_get_pending_answers(LinkObject *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromSsize_t(self->exp_len);
+}
+
+static PyObject *Link_get_closed(LinkObject *self, void *Py_UNUSED(closure)) {
+    return PyBool_FromLong(self->closed);
+}
+
+static PyObject *Link_get_raw(LinkObject *self, void *Py_UNUSED(closure)) {
+    return PyBool_FromLong(self->transport == NULL);
+}
+
+static int Link_set_counters(LinkObject *self, PyObject *value, void *Py_UNUSED(closure)) {
+    if (value != NULL && value != Py_None && !PyObject_TypeCheck(value, &CountersType)) {
+        PyErr_SetString(PyExc_TypeError, "counters is a Counters or None");
+        return -1;
+    }
+    PyObject *v = (value == NULL || value == Py_None) ? NULL : value;
+    Py_XINCREF(v);
+    Py_XSETREF(self->counters, (CountersObject *)v);
+    return 0;
+}
+
+static PyObject *Link_get_counters(LinkObject *self, void *Py_UNUSED(closure)) {
+    PyObject *c = self->counters ? (PyObject *)self->counters : Py_None;
+    Py_INCREF(c);
+    return c;
+}
+
+static PyGetSetDef Link_getset[] = {
+    {"partial", (getter)Link_get_partial, (setter)Link_set_partial,
+     "bytes of a message cut in two, kept until the rest arrives", NULL},
+    {"peer", (getter)Link_get_peer, NULL, "the paired link, or None", NULL},
+    {"pending_answers", (getter)Link_get_pending_answers, NULL,
+     "ReadyForQuery/ParseComplete/CloseComplete answers still due", NULL},
+    {"closed", (getter)Link_get_closed, NULL, "whether the socket is closed", NULL},
+    {"raw", (getter)Link_get_raw, NULL, "whether the engine owns the socket", NULL},
+    {"counters", (getter)Link_get_counters, (setter)Link_set_counters,
+     "the pool's byte counters", NULL},
+    {NULL},
+};
+
+static PyMemberDef Link_members[] = {
+    {"owner", T_OBJECT, offsetof(LinkObject, owner), 0, "the protocol object called back"},
+    {"forwarding", T_INT, offsetof(LinkObject, forwarding), 0, "frame and forward to the peer"},
+    {"txn", T_INT, offsetof(LinkObject, txn), 0, "transaction pooling"},
+    {"remain", T_PYSSIZET, offsetof(LinkObject, remain), 0,
+     "bytes of the current message still to pass through"},
+    {"skip_to_sync", T_INT, offsetof(LinkObject, skip_to_sync), 0,
+     "drop client messages until Sync (after a refused Parse)"},
+    {"syncs", T_INT, offsetof(LinkObject, syncs), 0, "ReadyForQuery answers still due"},
+    {"unsynced", T_INT, offsetof(LinkObject, unsynced), 0,
+     "an extended-protocol message was sent since the last Sync"},
+    {"status", T_INT, offsetof(LinkObject, status), 0, "the transaction status byte"},
+    {"fd", T_INT, offsetof(LinkObject, fd), READONLY, "the socket (raw mode), or -1"},
+    {NULL},
+};
+
+static PyMethodDef Link_methods[] = {
+    {"write", (PyCFunction)Link_write, METH_O, "Send bytes to this link's peer socket."},
+    {"close", (PyCFunction)Link_close, METH_NOARGS, "Close once the buffered bytes are sent."},
+    {"abort", (PyCFunction)Link_abort, METH_NOARGS, "Close now."},
+    {"is_closing", (PyCFunction)Link_is_closing, METH_NOARGS, NULL},
+    {"pause_reading", (PyCFunction)Link_pause_reading, METH_NOARGS, NULL},
+    {"resume_reading", (PyCFunction)Link_resume_reading, METH_NOARGS, NULL},
+    {"get_write_buffer_size", (PyCFunction)Link_get_write_buffer_size, METH_NOARGS, NULL},
+    {"get_extra_info", (PyCFunction)Link_get_extra_info, METH_VARARGS, NULL},
+    {"pair", (PyCFunction)Link_pair, METH_O, "Forward between this link and another."},
+    {"unpair", (PyCFunction)Link_unpair, METH_NOARGS, "Stop forwarding to the peer."},
+    {"feed", (PyCFunction)Link_feed, METH_O, "Bytes received (transport mode, or pending)."},
+    {"use_transport", (PyCFunction)Link_use_transport, METH_O,
+     "Send through this asyncio transport (TLS)."},
+    {"adopt", (PyCFunction)Link_adopt, METH_VARARGS,
+     "adopt(engine, fd, extra): the engine owns socket FD from now on."},
+    {"expect", (PyCFunction)Link_expect, METH_VARARGS,
+     "expect(name, kind, drop): a ParseComplete/CloseComplete due for a message sent."},
+    {"reset_answers", (PyCFunction)Link_reset_answers, METH_NOARGS,
+     "Forget the answers due (the connection was reset)."},
+    {NULL},
+};
+
+static PyTypeObject LinkType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "outpost.pooler._engine.Link",
+    .tp_basicsize = sizeof(LinkObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Link_new,
+    .tp_dealloc = (destructor)Link_dealloc,
+    .tp_traverse = (traverseproc)Link_traverse,
+    .tp_clear = (inquiry)Link_clear,
+    .tp_methods = Link_methods,
+    .tp_members = Link_members,
+    .tp_getset = Link_getset,
+    .tp_doc = "One logged-in connection: a transport to Python, a framer to its peer.",
+};
+
+/* --- Engine: Python methods ------------------------------------------------------------------------ */
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"call_soon", NULL};
+    PyObject *call_soon;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O", kwlist, &call_soon))
+        return NULL;
+    EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (self->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(self);
+        return NULL;
+    }
+    Py_INCREF(call_soon);
+    self->call_soon = call_soon;
+    self->links = PyDict_New();
+    self->rbuf = PyMem_Malloc(READ_SIZE);
+    if (self->links == NULL || self->rbuf == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
+static int Engine_traverse(EngineObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->call_soon);
+    Py_VISIT(self->links);
+    return 0;
+}
+
+static int Engine_clear_refs(EngineObject *self) {
+    Py_CLEAR(self->call_soon);
+    Py_CLEAR(self->links);
+    return 0;
+}
+
+static void Engine_dealloc(EngineObject *self) {
+    PyObject_GC_UnTrack(self);
+    if (self->epfd >= 0)
+        close(self->epfd);
+    Engine_clear_refs(self);
+    PyMem_Free(self->rbuf);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Engine_fileno(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromLong(self->epfd);
+}
+
+static PyObject *Engine_poll(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
+    struct epoll_event evs[MAX_EVENTS];
+    if (self->epfd < 0)
+        Py_RETURN_NONE;
+    int n = epoll_wait(self->epfd, evs, MAX_EVENTS, 0);
+    if (n < 0) {
+        if (errno == EINTR)
+            Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    for (int i = 0; i < n; i++) {
+        LinkObject *l = evs[i].data.ptr;
+        uint32_t ev = evs[i].events;
+        Py_INCREF(l);
+        if ((ev & EPOLLOUT) && !l->closed)
+            flush_out(l);
+        if ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !l->closed) {
+            ssize_t r;
+            do {
+                r = recv(l->fd, self->rbuf, READ_SIZE, 0);
+            } while (r < 0 && errno == EINTR);
+            if (r > 0) {
+                if (dispatch(l, self->rbuf, r) < 0)
+                    PyErr_WriteUnraisable(l->owner);
+            } else if (r == 0) {
+                link_finish(l, NULL);
+            } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                link_fail(l, errno);
+            }
+        }
+        Py_DECREF(l);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->epfd < 0)
+        Py_RETURN_NONE;
+    PyObject *links = PyDict_Values(self->links);
+    if (links == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(links); i++)
+        link_finish((LinkObject *)PyList_GET_ITEM(links, i), NULL);
+    Py_DECREF(links);
+    close(self->epfd);
+    self->epfd = -1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_get_count(EngineObject *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromSsize_t(PyDict_GET_SIZE(self->links));
+}
+
+static PyGetSetDef Engine_getset[] = {
+    {"count", (getter)Engine_get_count, NULL, "sockets the engine owns", NULL},
+    {NULL},
+};
+
+static PyMethodDef Engine_methods[] = {
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll fd to watch for reading."},
+    {"poll", (PyCFunction)Engine_poll, METH_NOARGS, "Handle the sockets that are ready."},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS, "Close every socket and the epoll fd."},
+    {NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "outpost.pooler._engine.Engine",
+    .tp_basicsize = sizeof(EngineObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Engine_new,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_traverse = (traverseproc)Engine_traverse,
+    .tp_clear = (inquiry)Engine_clear_refs,
+    .tp_methods = Engine_methods,
+    .tp_getset = Engine_getset,
+    .tp_doc = "An epoll set of links, polled from the asyncio loop.",
+};
+
+static PyObject *py_mentions_keyword(PyObject *Py_UNUSED(module), PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int r = mentions_keyword(view.buf, view.len);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(r);
+}
+
+static PyMethodDef module_methods[] = {
+    {"mentions_keyword", py_mentions_keyword, METH_O,
+     "Whether SQL mentions a word that sends it to Python (the engine's pre-screen)."},
+    {NULL},
+};
+
+static struct PyModuleDef engine_module = {
+    PyModuleDef_HEAD_INIT, "_engine", "The pooler's forwarding engine (see _engine.c).", -1,
+    module_methods,
+};
+
+PyMODINIT_FUNC PyInit__engine(void) {
+#define INTERN(var, text)                                                                       \
+    if ((var = PyUnicode_InternFromString(text)) == NULL)                                       \
+        return NULL;
+    INTERN(s_on_data, "_on_data");
+    INTERN(s_engine_message, "_engine_message");
+    INTERN(s_engine_terminate, "_engine_terminate");
+    INTERN(s_engine_bad_length, "_engine_bad_length");
+    INTERN(s_engine_release, "_engine_release");
+    INTERN(s_on_ready, "on_ready");
+    INTERN(s_engine_param, "_engine_param");
+    INTERN(s_unanswered, "_unanswered");
+    INTERN(s_connection_lost, "connection_lost");
+    INTERN(s_write, "write");
+    if (PyType_Ready(&CountersType) < 0 || PyType_Ready(&LinkType) < 0 ||
+        PyType_Ready(&EngineType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&engine_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&CountersType);
+    Py_INCREF(&LinkType);
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Counters", (PyObject *)&CountersType) < 0 ||
+        PyModule_AddObject(m, "Link", (PyObject *)&LinkType) < 0 ||
+        PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddIntConstant(m, "HIGH_WATER", HIGH_WATER) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
