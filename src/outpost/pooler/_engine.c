@@ -51,28 +51,24 @@
 typedef struct EngineObject EngineObject;
 typedef struct LinkObject LinkObject;
 
-/* --- Counters: bytes in and out of one pool, shared by its links --------------------------- */
+/* --- PoolCore: what the engine needs of a pool to hand out and take back connections ------ */
 
 typedef struct {
     PyObject_HEAD
-    long long received; /* from clients */
-    long long sent;     /* from servers */
-} CountersObject;
+    long long received; /* bytes from clients */
+    long long sent;     /* bytes from servers */
+    long long xact_count, wait_count;
+    double xact_time, wait_time;
+    double max_lifetime, wait_timeout;
+    int pool_size, connecting, generation, paused, closed;
+    PyObject *active; /* Python's Pool.active: the ServerConnections in use */
+    LinkObject **idle; /* server links, most recently used last */
+    Py_ssize_t idle_len, idle_cap;
+    PyObject **wq; /* waiting clients (their Links) or Python waiters, first come first */
+    Py_ssize_t wq_head, wq_len, wq_cap;
+} PoolCoreObject;
 
-static PyMemberDef Counters_members[] = {
-    {"received", T_LONGLONG, offsetof(CountersObject, received), 0, "bytes from clients"},
-    {"sent", T_LONGLONG, offsetof(CountersObject, sent), 0, "bytes from servers"},
-    {NULL},
-};
-
-static PyTypeObject CountersType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "outpost.pooler._engine.Counters",
-    .tp_basicsize = sizeof(CountersObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = PyType_GenericNew,
-    .tp_members = Counters_members,
-    .tp_doc = "Bytes received from clients and sent by servers (one per pool).",
-};
+static PyTypeObject PoolCoreType;
 
 /* --- Engine ---------------------------------------------------------------------------------- */
 
@@ -97,7 +93,15 @@ struct LinkObject {
     PyObject *transport; /* transport mode: the asyncio transport; NULL in raw mode */
     PyObject *extra;     /* get_extra_info values (dict) */
     LinkObject *peer;
-    CountersObject *counters;
+    PoolCoreObject *core;
+    PyObject *state; /* search_path and tracked settings: a client and a server must agree */
+    double attached_at, last_used, created_at, request_at, wait_deadline, wait_started;
+    int generation;
+    int broken;
+    int waiting; /* in the pool's queue */
+    int holding; /* bytes go to 'pend' until a server connection comes */
+    char *pend;
+    Py_ssize_t pend_len, pend_cap;
     int fd;
     int server;
     int forwarding;
@@ -404,6 +408,232 @@ static int call_bad_length(LinkObject *l, int kind, uint32_t length) {
     return 0;
 }
 
+/* --- the pool's fast paths: hand out and take back connections without Python ---------------- */
+
+#include <time.h>
+
+static double now_mono(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* what time.monotonic() reads */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int state_eq(PyObject *a, PyObject *b) {
+    if (a == b)
+        return a != NULL;
+    if (a == NULL || b == NULL)
+        return 0;
+    int r = PyObject_RichCompareBool(a, b, Py_EQ);
+    if (r < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return r;
+}
+
+static Py_ssize_t core_total(PoolCoreObject *core) {
+    return core->idle_len + PySet_GET_SIZE(core->active) + core->connecting;
+}
+
+static int core_push_idle(PoolCoreObject *core, LinkObject *s) {
+    if (core->idle_len == core->idle_cap) {
+        Py_ssize_t cap = core->idle_cap ? core->idle_cap * 2 : 16;
+        LinkObject **n = PyMem_Realloc(core->idle, cap * sizeof(LinkObject *));
+        if (n == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        core->idle = n;
+        core->idle_cap = cap;
+    }
+    Py_INCREF(s);
+    core->idle[core->idle_len++] = s;
+    return 0;
+}
+
+/* Take idle connection I out of the list (a new reference). */
+static LinkObject *core_take_at(PoolCoreObject *core, Py_ssize_t i) {
+    LinkObject *s = core->idle[i];
+    memmove(core->idle + i, core->idle + i + 1, (core->idle_len - i - 1) * sizeof(LinkObject *));
+    core->idle_len--;
+    return s;
+}
+
+/* The most recently used idle connection whose state is STATE (ANY: else the most recent one);
+ * NULL when there is none. A new reference. */
+static LinkObject *core_take(PoolCoreObject *core, PyObject *state, int any) {
+    if (core->idle_len == 0 || core->paused)
+        return NULL;
+    for (Py_ssize_t i = core->idle_len - 1; i >= 0; i--)
+        if (state_eq(core->idle[i]->state, state))
+            return core_take_at(core, i);
+    return any ? core_take_at(core, core->idle_len - 1) : NULL;
+}
+
+static int wq_push(PoolCoreObject *core, PyObject *w) {
+    if (core->wq_len == core->wq_cap) {
+        Py_ssize_t cap = core->wq_cap ? core->wq_cap * 2 : 64;
+        PyObject **n = PyMem_Malloc(cap * sizeof(PyObject *));
+        if (n == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < core->wq_len; i++)
+            n[i] = core->wq[(core->wq_head + i) % core->wq_cap];
+        PyMem_Free(core->wq);
+        core->wq = n;
+        core->wq_head = 0;
+        core->wq_cap = cap;
+    }
+    Py_INCREF(w);
+    core->wq[(core->wq_head + core->wq_len) % core->wq_cap] = w;
+    core->wq_len++;
+    return 0;
+}
+
+static PyObject *wq_pop(PoolCoreObject *core) { /* a new reference, or NULL when empty */
+    if (core->wq_len == 0)
+        return NULL;
+    PyObject *w = core->wq[core->wq_head];
+    core->wq_head = (core->wq_head + 1) % core->wq_cap;
+    core->wq_len--;
+    return w;
+}
+
+static void pair_links(LinkObject *c, LinkObject *s) {
+    Py_INCREF(s);
+    Py_XSETREF(c->peer, s);
+    Py_INCREF(c);
+    Py_XSETREF(s->peer, c);
+    s->forwarding = 1;
+}
+
+static void set_throttle(LinkObject *l, int on);
+
+static void unpair_links(LinkObject *c, LinkObject *s) {
+    set_throttle(c, 0);
+    set_throttle(s, 0);
+    if (c->peer == s)
+        Py_CLEAR(c->peer);
+    if (s->peer == c) { /* the half-forwarded rest of a message is nobody's now */
+        Py_CLEAR(s->peer);
+        s->part_len = 0;
+        s->remain = 0;
+    }
+}
+
+static int dispatch(LinkObject *l, const char *data, Py_ssize_t n);
+
+/* A waiting client got server S (already paired): send what it held. */
+static int send_held(LinkObject *c) {
+    if (c->pend_len == 0)
+        return 0;
+    char *held = c->pend;
+    Py_ssize_t n = c->pend_len;
+    c->pend = NULL;
+    c->pend_len = c->pend_cap = 0;
+    int rc = dispatch(c, held, n);
+    PyMem_Free(held);
+    return rc;
+}
+
+/* Server S answered ReadyForQuery(idle) for client C with nothing outstanding (transaction
+ * mode): give S to the first waiting client, or back to the idle list. 1: done; 0: Python
+ * must decide (a waiter that needs its search_path set, a paused or closing pool, a
+ * connection to retire); -1: error. */
+static int fast_release(LinkObject *s, LinkObject *c) {
+    PoolCoreObject *core = s->core;
+    if (core == NULL || core != c->core || core->paused || core->closed || s->broken ||
+        s->generation != core->generation || s->closed)
+        return 0;
+    double now = now_mono();
+    if (core->max_lifetime > 0 && now - s->created_at > core->max_lifetime)
+        return 0;
+    LinkObject *w = NULL;
+    while (core->wq_len) {
+        PyObject *head = core->wq[core->wq_head];
+        if (!PyObject_TypeCheck(head, &LinkType))
+            return 0;
+        LinkObject *cand = (LinkObject *)head;
+        if (!cand->waiting || cand->closed) {
+            PyObject *gone = wq_pop(core);
+            Py_DECREF(gone);
+            continue;
+        }
+        if (!state_eq(cand->state, s->state))
+            return 0;
+        w = (LinkObject *)wq_pop(core);
+        break;
+    }
+    core->xact_count++;
+    core->xact_time += now - s->attached_at;
+    s->last_used = now;
+    Py_INCREF(s);
+    unpair_links(c, s);
+    int rc = 1;
+    if (w == NULL) {
+        if (PySet_Discard(core->active, s->owner) < 0 || core_push_idle(core, s) < 0)
+            rc = -1;
+        Py_DECREF(s);
+        return rc;
+    }
+    w->waiting = 0;
+    w->holding = 0;
+    core->wait_count++;
+    core->wait_time += now - w->wait_started;
+    pair_links(w, s);
+    s->attached_at = now;
+    w->request_at = now;
+    if (send_held(w) < 0)
+        rc = -1;
+    Py_DECREF(w);
+    Py_DECREF(s);
+    return rc;
+}
+
+/* Bytes from client C, which has no server connection: take an idle one with the same state
+ * (or wait in the queue when none can be opened). 1: done; 0: Python decides; -1: error. */
+static int fast_checkout(LinkObject *c, const char *data, Py_ssize_t n) {
+    PoolCoreObject *core = c->core;
+    if (core == NULL || core->paused || core->closed || c->state == NULL || n <= 0 ||
+        c->closed || !c->txn)
+        return 0;
+    char first = c->part_len ? c->part[0] : data[0];
+    if (first == 'X')
+        return 0;
+    LinkObject *s = core_take(core, c->state, 0);
+    if (s != NULL) {
+        if (PySet_Add(core->active, s->owner) < 0) {
+            Py_DECREF(s);
+            return -1;
+        }
+        double now = now_mono();
+        pair_links(c, s);
+        s->attached_at = now;
+        c->request_at = now;
+        Py_DECREF(s);
+        return 0; /* paired: dispatch forwards the bytes */
+    }
+    if (core->idle_len || core_total(core) < core->pool_size)
+        return 0; /* a connection to prepare, or one to open: Python's work */
+    /* wait for a connection in the queue, holding the bytes */
+    if (ensure_cap(&c->pend, &c->pend_cap, c->pend_len + c->part_len + n) < 0)
+        return -1;
+    memcpy(c->pend + c->pend_len, c->part, c->part_len);
+    c->pend_len += c->part_len;
+    c->part_len = 0;
+    memcpy(c->pend + c->pend_len, data, n);
+    c->pend_len += n;
+    double now = now_mono();
+    c->holding = 1;
+    c->waiting = 1;
+    c->wait_started = now;
+    c->wait_deadline = now + core->wait_timeout;
+    if (wq_push(core, (PyObject *)c) < 0)
+        return -1;
+    return 1;
+}
+
 /* --- framing: client -> server ---------------------------------------------------------------------- */
 
 static int dispatch(LinkObject *l, const char *data, Py_ssize_t n);
@@ -677,6 +907,9 @@ static int scan_server(LinkObject *s, LinkObject *c, const char *data, Py_ssize_
         return -1;
     if (ready && s->status == 'I' && !s->syncs && !s->unsynced && c->peer == s && c->txn &&
         !c->part_len && !c->remain) {
+        int done = fast_release(s, c);
+        if (done)
+            return done < 0 ? -1 : 0;
         PyObject *r = call1(c->owner, s_on_ready, s->owner);
         if (r == NULL)
             return -1;
@@ -689,6 +922,18 @@ static int scan_server(LinkObject *s, LinkObject *c, const char *data, Py_ssize_
 static int dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
     if (l->closed)
         return 0;
+    if (l->holding) { /* waiting for a server connection */
+        if (ensure_cap(&l->pend, &l->pend_cap, l->pend_len + n) < 0)
+            return -1;
+        memcpy(l->pend + l->pend_len, data, n);
+        l->pend_len += n;
+        return 0;
+    }
+    if (l->peer == NULL && !l->server) {
+        int done = fast_checkout(l, data, n);
+        if (done)
+            return done < 0 ? -1 : 0;
+    }
     LinkObject *peer = l->peer;
     if (peer == NULL || !l->forwarding || peer->closed) {
         if (l->part_len) { /* bytes kept from a message cut in two go first */
@@ -708,11 +953,11 @@ static int dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
         }
         return call_on_data(l, data, n);
     }
-    if (l->counters != NULL) {
+    if (l->core != NULL) {
         if (l->server)
-            l->counters->sent += n;
+            l->core->sent += n;
         else
-            l->counters->received += n;
+            l->core->received += n;
     }
     int rc;
     Py_INCREF(peer);
@@ -745,7 +990,8 @@ static int Link_traverse(LinkObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->transport);
     Py_VISIT(self->extra);
     Py_VISIT(self->peer);
-    Py_VISIT(self->counters);
+    Py_VISIT(self->core);
+    Py_VISIT(self->state);
     for (Py_ssize_t i = 0; i < self->exp_len; i++)
         Py_VISIT(self->exp[(self->exp_head + i) % self->exp_cap].name);
     return 0;
@@ -756,7 +1002,8 @@ static int Link_clear(LinkObject *self) {
     Py_CLEAR(self->transport);
     Py_CLEAR(self->extra);
     Py_CLEAR(self->peer);
-    Py_CLEAR(self->counters);
+    Py_CLEAR(self->core);
+    Py_CLEAR(self->state);
     expect_clear(self);
     Py_CLEAR(self->engine);
     return 0;
@@ -771,6 +1018,7 @@ static void Link_dealloc(LinkObject *self) {
     Link_clear(self);
     PyMem_Free(self->out);
     PyMem_Free(self->part);
+    PyMem_Free(self->pend);
     PyMem_Free(self->exp);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -928,26 +1176,25 @@ static PyObject *Link_pair(LinkObject *self, PyObject *arg) {
         PyErr_SetString(PyExc_ValueError, "pair() joins a client link and a server link");
         return NULL;
     }
-    Py_INCREF(other);
-    Py_XSETREF(self->peer, other);
-    Py_INCREF(self);
-    Py_XSETREF(other->peer, self);
-    LinkObject *s = self->server ? self : other;
-    s->forwarding = 1;
+    LinkObject *c = self->server ? other : self, *s = self->server ? self : other;
+    if (c->peer != NULL && c->peer != s)
+        unpair_links(c, c->peer);
+    if (s->peer != NULL && s->peer != c)
+        unpair_links(s->peer, s);
+    pair_links(c, s);
     Py_RETURN_NONE;
 }
 
 static PyObject *Link_unpair(LinkObject *self, PyObject *Py_UNUSED(ignored)) {
     LinkObject *other = self->peer;
     if (other != NULL) {
-        if (other->peer == self) {
-            set_throttle(other, 0);
-            Py_CLEAR(other->peer);
-        }
-        set_throttle(self, 0);
-        Py_CLEAR(self->peer);
-    }
-    if (self->server) { /* the half-forwarded rest of a message is no longer anybody's */
+        Py_INCREF(other);
+        if (self->server)
+            unpair_links(other, self);
+        else
+            unpair_links(self, other);
+        Py_DECREF(other);
+    } else if (self->server) { /* the half-forwarded rest of a message is nobody's now */
         self->part_len = 0;
         self->remain = 0;
     }
@@ -1023,21 +1270,59 @@ static PyObject *Link_get_raw(LinkObject *self, void *Py_UNUSED(closure)) {
     return PyBool_FromLong(self->transport == NULL);
 }
 
-static int Link_set_counters(LinkObject *self, PyObject *value, void *Py_UNUSED(closure)) {
-    if (value != NULL && value != Py_None && !PyObject_TypeCheck(value, &CountersType)) {
-        PyErr_SetString(PyExc_TypeError, "counters is a Counters or None");
+static int Link_set_core(LinkObject *self, PyObject *value, void *Py_UNUSED(closure)) {
+    if (value != NULL && value != Py_None && !PyObject_TypeCheck(value, &PoolCoreType)) {
+        PyErr_SetString(PyExc_TypeError, "core is a PoolCore or None");
         return -1;
     }
     PyObject *v = (value == NULL || value == Py_None) ? NULL : value;
     Py_XINCREF(v);
-    Py_XSETREF(self->counters, (CountersObject *)v);
+    Py_XSETREF(self->core, (PoolCoreObject *)v);
     return 0;
 }
 
-static PyObject *Link_get_counters(LinkObject *self, void *Py_UNUSED(closure)) {
-    PyObject *c = self->counters ? (PyObject *)self->counters : Py_None;
+static PyObject *Link_get_core(LinkObject *self, void *Py_UNUSED(closure)) {
+    PyObject *c = self->core ? (PyObject *)self->core : Py_None;
     Py_INCREF(c);
     return c;
+}
+
+static PyObject *Link_get_state(LinkObject *self, void *Py_UNUSED(closure)) {
+    PyObject *v = self->state ? self->state : Py_None;
+    Py_INCREF(v);
+    return v;
+}
+
+static int Link_set_state(LinkObject *self, PyObject *value, void *Py_UNUSED(closure)) {
+    Py_XINCREF(value);
+    Py_XSETREF(self->state, value);
+    return 0;
+}
+
+static PyObject *Link_get_pending(LinkObject *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromSsize_t(self->pend_len);
+}
+
+static PyObject *Link_hold(LinkObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int rc = ensure_cap(&self->pend, &self->pend_cap, self->pend_len + view.len);
+    if (rc == 0) {
+        memcpy(self->pend + self->pend_len, view.buf, view.len);
+        self->pend_len += view.len;
+    }
+    PyBuffer_Release(&view);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Link_take_pending(LinkObject *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *b = PyBytes_FromStringAndSize(self->pend, self->pend_len);
+    if (b != NULL)
+        self->pend_len = 0;
+    return b;
 }
 
 static PyGetSetDef Link_getset[] = {
@@ -1048,8 +1333,10 @@ static PyGetSetDef Link_getset[] = {
      "ReadyForQuery/ParseComplete/CloseComplete answers still due", NULL},
     {"closed", (getter)Link_get_closed, NULL, "whether the socket is closed", NULL},
     {"raw", (getter)Link_get_raw, NULL, "whether the engine owns the socket", NULL},
-    {"counters", (getter)Link_get_counters, (setter)Link_set_counters,
-     "the pool's byte counters", NULL},
+    {"core", (getter)Link_get_core, (setter)Link_set_core, "the pool's PoolCore", NULL},
+    {"state", (getter)Link_get_state, (setter)Link_set_state,
+     "search_path and tracked settings (equal on a client and the server it gets)", NULL},
+    {"pending", (getter)Link_get_pending, NULL, "bytes held until a server comes", NULL},
     {NULL},
 };
 
@@ -1066,6 +1353,20 @@ static PyMemberDef Link_members[] = {
      "an extended-protocol message was sent since the last Sync"},
     {"status", T_INT, offsetof(LinkObject, status), 0, "the transaction status byte"},
     {"fd", T_INT, offsetof(LinkObject, fd), READONLY, "the socket (raw mode), or -1"},
+    {"attached_at", T_DOUBLE, offsetof(LinkObject, attached_at), 0,
+     "server: when its current client got it (monotonic)"},
+    {"last_used", T_DOUBLE, offsetof(LinkObject, last_used), 0, "server: last released"},
+    {"created_at", T_DOUBLE, offsetof(LinkObject, created_at), 0, "server: opened"},
+    {"request_at", T_DOUBLE, offsetof(LinkObject, request_at), 0,
+     "client: when it last got a server connection"},
+    {"wait_deadline", T_DOUBLE, offsetof(LinkObject, wait_deadline), 0, NULL},
+    {"wait_started", T_DOUBLE, offsetof(LinkObject, wait_started), 0, NULL},
+    {"generation", T_INT, offsetof(LinkObject, generation), 0,
+     "server: the pool's destination generation it logged in to"},
+    {"broken", T_INT, offsetof(LinkObject, broken), 0, "server: never to be reused"},
+    {"waiting", T_INT, offsetof(LinkObject, waiting), 0, "client: in the pool's queue"},
+    {"holding", T_INT, offsetof(LinkObject, holding), 0,
+     "client: bytes are held until a server connection is ready"},
     {NULL},
 };
 
@@ -1089,6 +1390,8 @@ static PyMethodDef Link_methods[] = {
      "expect(name, kind, drop): a ParseComplete/CloseComplete due for a message sent."},
     {"reset_answers", (PyCFunction)Link_reset_answers, METH_NOARGS,
      "Forget the answers due (the connection was reset)."},
+    {"hold", (PyCFunction)Link_hold, METH_O, "Keep bytes until a server connection comes."},
+    {"take_pending", (PyCFunction)Link_take_pending, METH_NOARGS, "The bytes held, emptied."},
     {NULL},
 };
 
@@ -1104,6 +1407,232 @@ static PyTypeObject LinkType = {
     .tp_members = Link_members,
     .tp_getset = Link_getset,
     .tp_doc = "One logged-in connection: a transport to Python, a framer to its peer.",
+};
+
+/* --- PoolCore: Python methods ------------------------------------------------------------------ */
+
+static PyObject *PoolCore_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"active", NULL};
+    PyObject *active;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!", kwlist, &PySet_Type, &active))
+        return NULL;
+    PoolCoreObject *self = (PoolCoreObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    Py_INCREF(active);
+    self->active = active;
+    return (PyObject *)self;
+}
+
+static int PoolCore_traverse(PoolCoreObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->active);
+    for (Py_ssize_t i = 0; i < self->idle_len; i++)
+        Py_VISIT(self->idle[i]);
+    for (Py_ssize_t i = 0; i < self->wq_len; i++)
+        Py_VISIT(self->wq[(self->wq_head + i) % self->wq_cap]);
+    return 0;
+}
+
+static void core_clear_idle(PoolCoreObject *self) {
+    while (self->idle_len) {
+        LinkObject *s = self->idle[--self->idle_len];
+        Py_DECREF(s);
+    }
+}
+
+static void core_clear_waiters(PoolCoreObject *self) {
+    PyObject *w;
+    while ((w = wq_pop(self)) != NULL)
+        Py_DECREF(w);
+}
+
+static int PoolCore_clear(PoolCoreObject *self) {
+    Py_CLEAR(self->active);
+    core_clear_idle(self);
+    core_clear_waiters(self);
+    return 0;
+}
+
+static void PoolCore_dealloc(PoolCoreObject *self) {
+    PyObject_GC_UnTrack(self);
+    PoolCore_clear(self);
+    PyMem_Free(self->idle);
+    PyMem_Free(self->wq);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *PoolCore_take_idle(PoolCoreObject *self, PyObject *args) {
+    PyObject *state;
+    int any = 1;
+    if (!PyArg_ParseTuple(args, "O|p", &state, &any))
+        return NULL;
+    LinkObject *s = core_take(self, state, any);
+    if (s == NULL)
+        Py_RETURN_NONE;
+    return (PyObject *)s;
+}
+
+static PyObject *PoolCore_push_idle(PoolCoreObject *self, PyObject *arg) {
+    if (!PyObject_TypeCheck(arg, &LinkType)) {
+        PyErr_SetString(PyExc_TypeError, "push_idle() takes a Link");
+        return NULL;
+    }
+    if (core_push_idle(self, (LinkObject *)arg) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *PoolCore_pop_idle(PoolCoreObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->idle_len == 0)
+        Py_RETURN_NONE;
+    return (PyObject *)core_take_at(self, self->idle_len - 1);
+}
+
+static PyObject *PoolCore_remove_idle(PoolCoreObject *self, PyObject *arg) {
+    for (Py_ssize_t i = 0; i < self->idle_len; i++) {
+        if ((PyObject *)self->idle[i] == arg) {
+            LinkObject *s = core_take_at(self, i);
+            Py_DECREF(s);
+            Py_RETURN_TRUE;
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *PoolCore_idle_links(PoolCoreObject *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *list = PyList_New(self->idle_len);
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < self->idle_len; i++) {
+        Py_INCREF(self->idle[i]);
+        PyList_SET_ITEM(list, i, (PyObject *)self->idle[i]);
+    }
+    return list;
+}
+
+static PyObject *PoolCore_set_idle(PoolCoreObject *self, PyObject *arg) {
+    PyObject *seq = PySequence_Fast(arg, "set_idle() takes a list of Links");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyObject_TypeCheck(PySequence_Fast_GET_ITEM(seq, i), &LinkType)) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_TypeError, "set_idle() takes a list of Links");
+            return NULL;
+        }
+    }
+    core_clear_idle(self);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (core_push_idle(self, (LinkObject *)PySequence_Fast_GET_ITEM(seq, i)) < 0) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
+static PyObject *PoolCore_enqueue(PoolCoreObject *self, PyObject *arg) {
+    if (wq_push(self, arg) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *PoolCore_popleft(PoolCoreObject *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *w = wq_pop(self);
+    if (w == NULL)
+        Py_RETURN_NONE;
+    return w;
+}
+
+static PyObject *PoolCore_waiters(PoolCoreObject *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *list = PyList_New(self->wq_len);
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < self->wq_len; i++) {
+        PyObject *w = self->wq[(self->wq_head + i) % self->wq_cap];
+        Py_INCREF(w);
+        PyList_SET_ITEM(list, i, w);
+    }
+    return list;
+}
+
+static PyObject *PoolCore_set_waiters(PoolCoreObject *self, PyObject *arg) {
+    PyObject *seq = PySequence_Fast(arg, "set_waiters() takes a list");
+    if (seq == NULL)
+        return NULL;
+    core_clear_waiters(self);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (wq_push(self, PySequence_Fast_GET_ITEM(seq, i)) < 0) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
+static PyObject *PoolCore_get_idle_count(PoolCoreObject *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromSsize_t(self->idle_len);
+}
+
+static PyObject *PoolCore_get_waiter_count(PoolCoreObject *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromSsize_t(self->wq_len);
+}
+
+static PyGetSetDef PoolCore_getset[] = {
+    {"idle_count", (getter)PoolCore_get_idle_count, NULL, "idle server links", NULL},
+    {"waiter_count", (getter)PoolCore_get_waiter_count, NULL,
+     "entries in the queue (some may have stopped waiting)", NULL},
+    {NULL},
+};
+
+static PyMemberDef PoolCore_members[] = {
+    {"received", T_LONGLONG, offsetof(PoolCoreObject, received), 0, "bytes from clients"},
+    {"sent", T_LONGLONG, offsetof(PoolCoreObject, sent), 0, "bytes from servers"},
+    {"xact_count", T_LONGLONG, offsetof(PoolCoreObject, xact_count), 0, NULL},
+    {"wait_count", T_LONGLONG, offsetof(PoolCoreObject, wait_count), 0, NULL},
+    {"xact_time", T_DOUBLE, offsetof(PoolCoreObject, xact_time), 0, NULL},
+    {"wait_time", T_DOUBLE, offsetof(PoolCoreObject, wait_time), 0, NULL},
+    {"max_lifetime", T_DOUBLE, offsetof(PoolCoreObject, max_lifetime), 0, NULL},
+    {"wait_timeout", T_DOUBLE, offsetof(PoolCoreObject, wait_timeout), 0, NULL},
+    {"pool_size", T_INT, offsetof(PoolCoreObject, pool_size), 0, NULL},
+    {"connecting", T_INT, offsetof(PoolCoreObject, connecting), 0, NULL},
+    {"generation", T_INT, offsetof(PoolCoreObject, generation), 0, NULL},
+    {"paused", T_INT, offsetof(PoolCoreObject, paused), 0, NULL},
+    {"closed", T_INT, offsetof(PoolCoreObject, closed), 0, NULL},
+    {NULL},
+};
+
+static PyMethodDef PoolCore_methods[] = {
+    {"take_idle", (PyCFunction)PoolCore_take_idle, METH_VARARGS,
+     "take_idle(state, any=True): an idle Link, one with STATE when there is one."},
+    {"push_idle", (PyCFunction)PoolCore_push_idle, METH_O, NULL},
+    {"pop_idle", (PyCFunction)PoolCore_pop_idle, METH_NOARGS, NULL},
+    {"remove_idle", (PyCFunction)PoolCore_remove_idle, METH_O, NULL},
+    {"idle_links", (PyCFunction)PoolCore_idle_links, METH_NOARGS, NULL},
+    {"set_idle", (PyCFunction)PoolCore_set_idle, METH_O, NULL},
+    {"enqueue", (PyCFunction)PoolCore_enqueue, METH_O, NULL},
+    {"popleft", (PyCFunction)PoolCore_popleft, METH_NOARGS, NULL},
+    {"waiters", (PyCFunction)PoolCore_waiters, METH_NOARGS, NULL},
+    {"set_waiters", (PyCFunction)PoolCore_set_waiters, METH_O, NULL},
+    {NULL},
+};
+
+static PyTypeObject PoolCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "outpost.pooler._engine.PoolCore",
+    .tp_basicsize = sizeof(PoolCoreObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PoolCore_new,
+    .tp_dealloc = (destructor)PoolCore_dealloc,
+    .tp_traverse = (traverseproc)PoolCore_traverse,
+    .tp_clear = (inquiry)PoolCore_clear,
+    .tp_methods = PoolCore_methods,
+    .tp_members = PoolCore_members,
+    .tp_getset = PoolCore_getset,
+    .tp_doc = "A pool's idle connections, waiting clients and statistics (see pool.Pool).",
 };
 
 /* --- Engine: Python methods ------------------------------------------------------------------------ */
@@ -1270,16 +1799,16 @@ PyMODINIT_FUNC PyInit__engine(void) {
     INTERN(s_unanswered, "_unanswered");
     INTERN(s_connection_lost, "connection_lost");
     INTERN(s_write, "write");
-    if (PyType_Ready(&CountersType) < 0 || PyType_Ready(&LinkType) < 0 ||
+    if (PyType_Ready(&PoolCoreType) < 0 || PyType_Ready(&LinkType) < 0 ||
         PyType_Ready(&EngineType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&engine_module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&CountersType);
+    Py_INCREF(&PoolCoreType);
     Py_INCREF(&LinkType);
     Py_INCREF(&EngineType);
-    if (PyModule_AddObject(m, "Counters", (PyObject *)&CountersType) < 0 ||
+    if (PyModule_AddObject(m, "PoolCore", (PyObject *)&PoolCoreType) < 0 ||
         PyModule_AddObject(m, "Link", (PyObject *)&LinkType) < 0 ||
         PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
         PyModule_AddIntConstant(m, "HIGH_WATER", HIGH_WATER) < 0) {

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from outpost.pooler import protocol as p
-from outpost.pooler._engine import Counters, Engine, Link
+from outpost.pooler._engine import Engine, Link, PoolCore
 from outpost.pooler.auth import ServerLoginError, server_login
 from outpost.pooler.links import hand_over
 from outpost.pooler.routes import Destination
@@ -165,22 +165,15 @@ async def negotiate_server_tls(conn: p.FramedProtocol, dest: Destination) -> Non
 
 class ServerConnection(p.FramedProtocol):
     __slots__ = (
-        "attached_at",
         "backend_key",
         "backend_pid",
-        "broken",
-        "client",
         "connect_time",
-        "created_at",
-        "generation",
-        "last_used",
         "link",
         "local",
         "params",
         "pool",
         "prepared",
         "search_path",
-        "state",
         "track",
         "uncertain",
     )
@@ -188,25 +181,23 @@ class ServerConnection(p.FramedProtocol):
     def __init__(self, pool: Pool) -> None:
         super().__init__()
         self.pool = pool
-        self.generation = pool.generation  # the destination it logged in to (see Pool.redirect)
-        self.client: ClientLink | None = None
+        self.track = pool.settings.pool_mode == "transaction"
+        #: the forwarding state (answers due, transaction status, the client it serves) and,
+        #: once logged in, the I/O; kept by the engine
+        link = self.link = Link(self, True, self.track)
+        link.forwarding = 0  # logging in: the bytes are read here, not forwarded
+        link.generation = pool.generation  # the destination it logged in to (Pool.redirect)
+        link.core = pool.core
+        link.created_at = link.last_used = link.attached_at = _monotonic()
+        link.state = (None, ())
         self.params: dict[str, str] = {}
         self.backend_pid = 0
         self.backend_key = 0
         self.search_path: str | None = None
-        self.state: tuple[str | None, tuple[str | None, ...]] = (None, ())
         self.prepared: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         #: statements that may or may not exist here (a Close the server skipped)
         self.uncertain: set[bytes] = set()
-        self.created_at = time.monotonic()
         self.connect_time = time.time()
-        self.last_used = self.created_at
-        self.attached_at = self.created_at
-        self.broken = False
-        self.track = pool.settings.pool_mode == "transaction"
-        #: the forwarding state (answers due, transaction status) and, once logged in, the I/O
-        self.link = Link(self, True, self.track)
-        self.link.forwarding = 0  # logging in: the bytes are read here, not forwarded
         self.local: tuple[str, int] = ("", 0)
 
     # --- asyncio.Protocol ------------------------------------------------------------------
@@ -219,10 +210,10 @@ class ServerConnection(p.FramedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self.broken = True
+        self.link.broken = 1
         client = self.client
         if client is not None:
-            self.client = None
+            self.link.unpair()
             client.on_server_lost(self, "the server closed the connection")
         self.pool.forget(self)
 
@@ -235,6 +226,46 @@ class ServerConnection(p.FramedProtocol):
             self.client.resume_reading()
 
     # --- the forwarding state, kept by the engine ---------------------------------------------
+
+    @property
+    def client(self) -> ClientLink | None:
+        """The client this connection serves now."""
+        peer = self.link.peer
+        return None if peer is None else peer.owner
+
+    @property
+    def state(self) -> tuple[str | None, tuple[str | None, ...]]:
+        """search_path and the tracked settings (a client gets a connection with its own)."""
+        return self.link.state  # type: ignore[no-any-return]
+
+    @property
+    def broken(self) -> bool:
+        return bool(self.link.broken)
+
+    @broken.setter
+    def broken(self, value: bool) -> None:
+        self.link.broken = value
+
+    @property
+    def generation(self) -> int:
+        return self.link.generation
+
+    @property
+    def attached_at(self) -> float:
+        """When the current (or last) client got it (monotonic)."""
+        return self.link.attached_at
+
+    @property
+    def last_used(self) -> float:
+        return self.link.last_used
+
+    @last_used.setter
+    def last_used(self, value: float) -> None:
+        self.link.last_used = value
+
+    @property
+    def created_at(self) -> float:
+        return self.link.created_at
 
     @property
     def forwarding(self) -> bool:
@@ -314,7 +345,7 @@ class ServerConnection(p.FramedProtocol):
     # --- used by the pool and the client session ---------------------------------------
 
     def compute_state(self) -> None:
-        self.state = (self.search_path, tuple(self.params.get(k) for k in TRACKED))
+        self.link.state = (self.search_path, tuple(self.params.get(k) for k in TRACKED))
 
     def forget_search_path(self) -> None:
         """The client may have changed search_path: set it again before the next handout."""
@@ -327,13 +358,13 @@ class ServerConnection(p.FramedProtocol):
         return _time() - (_monotonic() - self.attached_at)
 
     def attach(self, client: ClientLink) -> None:
-        self.client = client
-        self.link.forwarding = 1
-        self.attached_at = _monotonic()
+        link = self.link
+        link.pair(client.link)
+        link.forwarding = 1
+        link.attached_at = _monotonic()
 
     def detach(self) -> None:
         """No longer serving a client (a message forwarded in part is dropped with it)."""
-        self.client = None
         self.link.unpair()
 
     @property
@@ -383,7 +414,7 @@ class ServerConnection(p.FramedProtocol):
         return None
 
     def close(self) -> None:
-        self.broken = True
+        self.link.broken = 1
         if not self._closed:
             try:
                 self.transport.write(p.TERMINATE)
@@ -412,37 +443,108 @@ class Pool:
         self.destination = destination
         #: reads and forwards for the connections' sockets (None: through asyncio's transports)
         self.engine = engine
-        self.settings = settings
-        self.idle: list[ServerConnection] = []
         self.active: set[ServerConnection] = set()
-        self.connecting = 0
-        self.waiters: collections.deque[Waiter] = collections.deque()
+        #: the idle connections, the waiting clients and the statistics, where the engine hands
+        #: out and takes back connections without calling Python (see _engine.c)
+        self.core = PoolCore(self.active)
+        self.settings = settings
         self.defaults: dict[str, str] | None = None
         #: the ParameterStatus messages a client gets at login, by (tracked settings,
         #: application_name): built once, not per login
         self._statuses: dict[tuple[tuple[str | None, ...], str], bytes] = {}
-        self.paused = False
         self._on_change = on_change
-        self.closed = False
-        self.generation = 0
-        # statistics (SHOW STATS, metrics)
-        self.xact_count = 0
+        # statistics (SHOW STATS, metrics); transactions, waits and bytes are in self.core
         self.query_count = 0
-        #: bytes from clients and from servers, counted by the engine
-        self.counters = Counters()
-        self.xact_time = 0.0
-        self.wait_time = 0.0
-        self.wait_count = 0
         self.connect_errors = 0
         self.timeouts = 0
 
+    # --- what the engine keeps ------------------------------------------------------------
+
+    @property
+    def settings(self) -> PoolSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: PoolSettings) -> None:
+        self._settings = settings
+        core = self.core
+        core.pool_size = settings.pool_size
+        core.max_lifetime = settings.max_lifetime or 0.0
+        core.wait_timeout = settings.client_wait_timeout
+
+    @property
+    def idle(self) -> list[ServerConnection]:
+        """The idle connections, most recently used last (a copy)."""
+        return [link.owner for link in self.core.idle_links()]
+
+    @property
+    def waiters(self) -> list[Waiter]:
+        """Who waits for a connection, first come first (a copy; some may have given up)."""
+        return [_waiter(entry) for entry in self.core.waiters()]
+
+    @property
+    def connecting(self) -> int:
+        return self.core.connecting
+
+    @connecting.setter
+    def connecting(self, value: int) -> None:
+        self.core.connecting = value
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.core.paused)
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self.core.paused = value
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.core.closed)
+
+    @property
+    def generation(self) -> int:
+        return self.core.generation
+
+    @property
+    def xact_count(self) -> int:
+        return self.core.xact_count
+
+    @xact_count.setter
+    def xact_count(self, value: int) -> None:
+        self.core.xact_count = value
+
+    @property
+    def xact_time(self) -> float:
+        return self.core.xact_time
+
+    @xact_time.setter
+    def xact_time(self, value: float) -> None:
+        self.core.xact_time = value
+
+    @property
+    def wait_count(self) -> int:
+        return self.core.wait_count
+
+    @wait_count.setter
+    def wait_count(self, value: int) -> None:
+        self.core.wait_count = value
+
+    @property
+    def wait_time(self) -> float:
+        return self.core.wait_time
+
+    @wait_time.setter
+    def wait_time(self, value: float) -> None:
+        self.core.wait_time = value
+
     @property
     def bytes_received(self) -> int:
-        return self.counters.received
+        return self.core.received
 
     @property
     def bytes_sent(self) -> int:
-        return self.counters.sent
+        return self.core.sent
 
     def status_messages(
         self, tracked: tuple[str | None, ...], application_name: str
@@ -458,32 +560,27 @@ class Pool:
 
     @property
     def total(self) -> int:
-        return len(self.idle) + len(self.active) + self.connecting
+        core = self.core
+        return core.idle_count + len(self.active) + core.connecting
 
     # --- acquire / release -------------------------------------------------------------
     #
-    # A client that finds no idle connection and no room to open one waits in ``waiters``; a
+    # A client that finds no idle connection and no room to open one waits in the queue; a
     # released connection is handed to the first waiter directly (``Waiter.handoff``), with no
     # task or future per transaction. ``expire`` (called a few times a second) ends the waits
-    # that passed client_wait_timeout.
+    # that passed client_wait_timeout. In transaction mode the engine does the common cases
+    # itself (a client takes an idle connection with its own search_path, or queues; a
+    # connection goes to the next waiter with the same search_path, or back to the idle list)
+    # and calls Python for the rest.
 
     def take_idle(
         self, state: tuple[str | None, tuple[str | None, ...]]
     ) -> ServerConnection | None:
         """An idle connection now (one matching STATE when possible), or None."""
-        idle = self.idle
-        if not idle or self.paused:
+        link = self.core.take_idle(state)
+        if link is None:
             return None
-        conn = idle[-1]
-        if conn.state != state:
-            for i in range(len(idle) - 2, -1, -1):
-                if idle[i].state == state:
-                    conn = idle.pop(i)
-                    break
-            else:
-                idle.pop()
-        else:
-            idle.pop()
+        conn: ServerConnection = link.owner
         self.active.add(conn)
         return conn
 
@@ -492,25 +589,43 @@ class Pool:
         return not self.paused and self.total < self.settings.pool_size
 
     def enqueue(self, waiter: Waiter) -> None:
+        now = time.monotonic()
         waiter.waiting = True
-        waiter.wait_deadline = time.monotonic() + self.settings.client_wait_timeout
-        self.waiters.append(waiter)
+        waiter.wait_deadline = now + self.settings.client_wait_timeout
+        link = getattr(waiter, "link", None)
+        self.core.enqueue(link if isinstance(link, Link) else waiter)
+
+    def _next_waiter(self) -> Waiter | None:
+        """The first waiter still waiting (no longer waiting once returned), or None."""
+        core = self.core
+        while True:
+            entry = core.popleft()
+            if entry is None:
+                return None
+            waiter = _waiter(entry)
+            if waiter.waiting:
+                waiter.waiting = False
+                return waiter
 
     def expire(self, now: float) -> None:
         """End the waits that passed client_wait_timeout (and drop finished entries)."""
-        if not self.waiters:
+        if not self.core.waiter_count:
             return
-        keep: collections.deque[Waiter] = collections.deque()
-        for waiter in self.waiters:
+        keep: list[object] = []
+        late: list[Waiter] = []
+        for entry in self.core.waiters():
+            waiter = _waiter(entry)
             if not waiter.waiting:
                 continue
             if now >= waiter.wait_deadline:
                 waiter.waiting = False
-                self.timeouts += 1
-                waiter.timed_out(self.timeout_error())
+                late.append(waiter)
             else:
-                keep.append(waiter)
-        self.waiters = keep
+                keep.append(entry)
+        self.core.set_waiters(keep)
+        for waiter in late:
+            self.timeouts += 1
+            waiter.timed_out(self.timeout_error())
 
     def timeout_error(self) -> PoolError:
         return PoolError(
@@ -577,35 +692,33 @@ class Pool:
         monotonic time when the caller has it at hand)."""
         self.active.discard(conn)
         conn.detach()
-        conn.last_used = now or _monotonic()
         link = conn.link
+        link.last_used = now or _monotonic()
         if (  # not conn.idle_clean (detach() dropped what was forwarded in part)
-            conn.broken
+            link.broken
             or link.syncs
             or link.unsynced
             or link.status != 73
             or self.closed
-            or conn.generation != self.generation
+            or link.generation != self.generation
         ):
             conn.close()
             self._wake_one()
             return
         if self.settings.max_lifetime and (
-            conn.last_used - conn.created_at > self.settings.max_lifetime
+            link.last_used - link.created_at > self.settings.max_lifetime
         ):
             conn.close()
             self._wake_one()
             return
-        waiters = self.waiters
-        while waiters and not self.paused:
-            waiter = waiters.popleft()
-            if waiter.waiting:
-                waiter.waiting = False
+        if not self.paused:
+            waiter = self._next_waiter()
+            if waiter is not None:
                 self.active.add(conn)
                 waiter.handoff(conn)
                 return
         link.forwarding = 1
-        self.idle.append(conn)
+        self.core.push_idle(link)
 
     def forget(self, conn: ServerConnection) -> None:
         """A connection closed (by either side): drop it and let a waiter open a new one."""
@@ -613,34 +726,33 @@ class Pool:
         if conn in self.active:
             self.active.discard(conn)
             removed = True
-        elif conn in self.idle:
-            self.idle.remove(conn)
+        elif self.core.remove_idle(conn.link):
             removed = True
         if removed:
             self._wake_one()
 
     def _wake_one(self) -> None:
         """A slot is free: the first waiter opens a connection itself."""
-        while self.waiters and self.may_open():
-            waiter = self.waiters.popleft()
-            if waiter.waiting:
-                waiter.waiting = False
+        if self.may_open():
+            waiter = self._next_waiter()
+            if waiter is not None:
                 waiter.handoff(None)
-                return
 
     def resume(self) -> None:
         self.paused = False
-        while self.idle and self.waiters:
-            waiter = self.waiters.popleft()
-            if waiter.waiting:
-                waiter.waiting = False
-                conn = self.idle.pop()
-                self.active.add(conn)
-                waiter.handoff(conn)
-        while self.waiters and self.may_open():
-            before = len(self.waiters)
+        while self.core.idle_count and self.core.waiter_count:
+            waiter = self._next_waiter()
+            if waiter is None:
+                break
+            link = self.core.pop_idle()
+            assert link is not None
+            conn: ServerConnection = link.owner
+            self.active.add(conn)
+            waiter.handoff(conn)
+        while self.core.waiter_count and self.may_open():
+            before = self.core.waiter_count
             self._wake_one()
-            if len(self.waiters) == before:
+            if self.core.waiter_count == before:
                 break
 
     # --- opening and closing -------------------------------------------------------------
@@ -679,7 +791,6 @@ class Pool:
         sp = startup.get("search_path")
         conn.search_path = sp
         conn.compute_state()
-        conn.link.counters = self.counters
         conn.transport = hand_over(conn.link, conn.transport, self.engine, tls=conn.tls)  # type: ignore[assignment]
         conn.link.forwarding = 1
         if self.defaults is None:
@@ -696,38 +807,44 @@ class Pool:
     def maintain(self, now: float) -> None:
         """Close idle connections past max_idle_time, max_lifetime or the max_idle count."""
         s = self.settings
-        keep: list[ServerConnection] = []
-        for conn in self.idle:
-            expired = (s.max_idle_time and now - conn.last_used > s.max_idle_time) or (
-                s.max_lifetime and now - conn.created_at > s.max_lifetime
+        keep: list[Link] = []
+        drop: list[ServerConnection] = []
+        for link in self.core.idle_links():
+            expired = (s.max_idle_time and now - link.last_used > s.max_idle_time) or (
+                s.max_lifetime and now - link.created_at > s.max_lifetime
             )
-            if expired or conn.broken:
-                conn.close()
+            if expired or link.broken:
+                drop.append(link.owner)
             else:
-                keep.append(conn)
+                keep.append(link)
         while len(keep) > s.max_idle:
-            keep.pop(0).close()
-        self.idle = keep
+            drop.append(keep.pop(0).owner)
+        self.core.set_idle(keep)
+        for conn in drop:
+            conn.close()
 
     def redirect(self, destination: Destination) -> None:
         """The same server and role with a new password or TLS settings (a rotated secret, a
         renewed IAM token, `connections edit`): new connections use DESTINATION; idle ones close
         now, busy ones when their transaction is over. No client is cut off."""
         self.destination = destination
-        self.generation += 1
-        idle, self.idle = self.idle, []
+        self.core.generation += 1
+        idle = self.idle
+        self.core.set_idle([])
         for conn in idle:
             conn.close()
         self._wake_one()
 
     def close(self) -> None:
-        self.closed = True
-        for conn in list(self.idle):
+        self.core.closed = 1
+        idle = self.idle
+        self.core.set_idle([])
+        for conn in idle:
             conn.close()
-        self.idle.clear()
         for conn in list(self.active):
             conn.close()
-        waiters, self.waiters = self.waiters, collections.deque()
+        waiters = self.waiters
+        self.core.set_waiters([])
         for waiter in waiters:
             if waiter.waiting:
                 waiter.waiting = False
@@ -745,6 +862,13 @@ class Waiter(Protocol):
 
     def timed_out(self, error: PoolError) -> None:
         """The wait passed client_wait_timeout."""
+
+
+def _waiter(entry: object) -> Waiter:
+    """A queue entry as a Waiter: a client's Link stands for the client."""
+    if isinstance(entry, Link):
+        return entry.owner  # type: ignore[no-any-return]
+    return entry  # type: ignore[return-value]
 
 
 class _FutureWaiter:

@@ -122,11 +122,9 @@ class ClientSession(p.FramedProtocol):
     """One client connection to the pooler."""
 
     __slots__ = (
-        "_pending",
         "_task",
         "admin",
         "application_name",
-        "conn",
         "connect_time",
         "database",
         "gone",
@@ -137,18 +135,12 @@ class ClientSession(p.FramedProtocol):
         "pid",
         "pool",
         "ready",
-        "request_at",
         "schema",
         "search_path",
         "srv",
-        "state",
         "statements",
         "txn",
         "user",
-        "wait_deadline",
-        "wait_started",
-        "waiting",
-        "waiting_server",
         "want",
     )
 
@@ -158,31 +150,93 @@ class ClientSession(p.FramedProtocol):
         self.ready = False
         self.admin = False
         self.pool: Pool | None = None
-        self.conn: ServerConnection | None = None
+        #: the forwarding engine's side of this client (its socket, once logged in); it also
+        #: keeps the server connection it is paired with (conn) and its place in the queue
+        self.link = Link(self, False, srv.settings.pool_mode == "transaction")
         self.user = ""
         self.database = ""
         self.schema = ""
         self.application_name = ""
         self.search_path = ""
         self.want: dict[str, str | None] = {}  # shared between clients: replaced, not changed
-        self.state: tuple[str | None, tuple[str | None, ...]] = (None, ())
+        self.state = (None, ())
         self.statements: dict[bytes, tuple[bytes, bytes]] = {}
         self.txn = srv.settings.pool_mode == "transaction"
         self.pid = 0
         self.key = 0
         self.connect_time = time.time()
         self.request_at = _monotonic()  # when it last got a server connection
-        self.wait_started = 0.0
-        #: the forwarding engine's side of this client (its socket, once logged in)
-        self.link = Link(self, False, self.txn)
-        self._pending = bytearray()
-        self.waiting = False  # in the pool's queue
-        self.wait_deadline = 0.0
-        self.waiting_server = False  # data goes to _pending until a server connection comes
         self._task: asyncio.Task[None] | None = None  # opening or preparing a server connection
         self.login_task: asyncio.Task[None] | None = None
         self.gone = False
         self.local: tuple[str, int] = ("", 0)
+
+    # --- kept by the engine ----------------------------------------------------------------
+
+    @property
+    def conn(self) -> ServerConnection | None:
+        """The server connection serving this client now."""
+        peer = self.link.peer
+        return None if peer is None else peer.owner
+
+    @conn.setter
+    def conn(self, conn: ServerConnection | None) -> None:
+        if conn is None:
+            self.link.unpair()
+        else:
+            self.link.pair(conn.link)
+
+    @property
+    def state(self) -> tuple[str | None, tuple[str | None, ...]]:
+        """search_path and tracked settings: the server connection it gets must have them."""
+        return self.link.state  # type: ignore[no-any-return]
+
+    @state.setter
+    def state(self, value: tuple[str | None, tuple[str | None, ...]]) -> None:
+        self.link.state = value
+
+    @property
+    def waiting(self) -> bool:
+        """In the pool's queue."""
+        return bool(self.link.waiting)
+
+    @waiting.setter
+    def waiting(self, value: bool) -> None:
+        self.link.waiting = value
+
+    @property
+    def wait_deadline(self) -> float:
+        return self.link.wait_deadline
+
+    @wait_deadline.setter
+    def wait_deadline(self, value: float) -> None:
+        self.link.wait_deadline = value
+
+    @property
+    def wait_started(self) -> float:
+        return self.link.wait_started
+
+    @wait_started.setter
+    def wait_started(self, value: float) -> None:
+        self.link.wait_started = value
+
+    @property
+    def waiting_server(self) -> bool:
+        """Its bytes are held until a server connection is ready."""
+        return bool(self.link.holding)
+
+    @waiting_server.setter
+    def waiting_server(self, value: bool) -> None:
+        self.link.holding = value
+
+    @property
+    def request_at(self) -> float:
+        """When it last got a server connection (monotonic)."""
+        return self.link.request_at
+
+    @request_at.setter
+    def request_at(self, value: float) -> None:
+        self.link.request_at = value
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -231,7 +285,7 @@ class ClientSession(p.FramedProtocol):
     def _on_data(self, data: bytes) -> None:
         """Bytes while no server connection is attached."""
         if self.waiting_server:
-            self._pending += data
+            self.link.hold(data)
         else:
             self._feed(data)
 
@@ -434,7 +488,7 @@ class ClientSession(p.FramedProtocol):
         self.ready = True
         self.login_task = None
         assert pool is not None
-        self.link.counters = pool.counters
+        self.link.core = pool.core
         self.transport = hand_over(self.link, self.transport, srv.engine, tls=self.tls)  # type: ignore[assignment]
         leftover = self.take_buffer()
         if leftover:
@@ -499,7 +553,7 @@ class ClientSession(p.FramedProtocol):
                 return
             conn = pool.take_idle(self.state)
             if conn is None or conn.state != self.state:
-                self._pending += data
+                self.link.hold(data)
                 self.waiting_server = True
                 self.wait_started = time.monotonic()
                 if conn is not None:
@@ -555,8 +609,7 @@ class ClientSession(p.FramedProtocol):
         pool.wait_time += time.monotonic() - self.wait_started
         pool.wait_count += 1
         self.request_at = conn.attached_at
-        data = bytes(self._pending)
-        self._pending.clear()
+        data = self.link.take_pending()
         if data:
             self._feed(data)
 
