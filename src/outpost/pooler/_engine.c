@@ -529,11 +529,16 @@ static int send_held(LinkObject *c) {
     if (c->pend_len == 0)
         return 0;
     char *held = c->pend;
-    Py_ssize_t n = c->pend_len;
+    Py_ssize_t n = c->pend_len, cap = c->pend_cap;
     c->pend = NULL;
     c->pend_len = c->pend_cap = 0;
     int rc = dispatch(c, held, n);
-    PyMem_Free(held);
+    if (c->pend == NULL) { /* keep the buffer for the next wait */
+        c->pend = held;
+        c->pend_cap = cap;
+    } else {
+        PyMem_Free(held);
+    }
     return rc;
 }
 

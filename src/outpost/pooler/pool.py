@@ -20,7 +20,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from outpost.pooler import protocol as p
 from outpost.pooler._engine import Engine, Link, PoolCore
@@ -48,6 +48,21 @@ MAX_PREPARED_PER_SERVER = 1000
 _PC = p.B_PARSE_COMPLETE
 _monotonic = time.monotonic
 _time = time.time
+#: One shared copy of each (search_path, tracked settings) state and listening address, so
+#: that thousands of clients of a few tenants do not each keep their own (idle memory), and
+#: the engine finds a client's and a connection's states equal by identity.
+_shared: dict[Any, Any] = {}
+_T = TypeVar("_T")
+
+
+def share(value: _T) -> _T:
+    """The one shared copy of VALUE (hashable)."""
+    found: _T | None = _shared.get(value)
+    if found is None:
+        if len(_shared) >= 10_000:
+            _shared.clear()
+        _shared[value] = found = value
+    return found
 
 
 class ClientLink(Protocol):
@@ -345,7 +360,7 @@ class ServerConnection(p.FramedProtocol):
     # --- used by the pool and the client session ---------------------------------------
 
     def compute_state(self) -> None:
-        self.link.state = (self.search_path, tuple(self.params.get(k) for k in TRACKED))
+        self.link.state = share((self.search_path, tuple(self.params.get(k) for k in TRACKED)))
 
     def forget_search_path(self) -> None:
         """The client may have changed search_path: set it again before the next handout."""

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from outpost.pooler import protocol as p
 from outpost.pooler._engine import Engine, Link
@@ -37,6 +37,7 @@ from outpost.pooler.pool import (
     ServerConnection,
     negotiate_server_tls,
 )
+from outpost.pooler.pool import share as _share
 from outpost.pooler.routes import Destination, RouteError, RouteSource
 
 if TYPE_CHECKING:
@@ -67,21 +68,6 @@ _PC, _CC = p.B_PARSE_COMPLETE, p.B_CLOSE_COMPLETE
 
 _monotonic = time.monotonic
 _intern = sys.intern
-#: One shared copy of each (search_path, tracked settings) state and listening address, so
-#: that thousands of clients of a few tenants do not each keep their own (idle memory).
-_shared: dict[Any, Any] = {}
-_T = TypeVar("_T")
-
-
-def _share(value: _T) -> _T:
-    found: _T | None = _shared.get(value)
-    if found is None:
-        if len(_shared) >= 10_000:
-            _shared.clear()
-        _shared[value] = found = value
-    return found
-
-
 _wants: dict[tuple[tuple[str, str | None], ...], dict[str, str | None]] = {}
 
 

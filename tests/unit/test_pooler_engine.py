@@ -1,0 +1,392 @@
+"""The pooler's C forwarding engine (``_engine.c``) on real socket pairs.
+
+A client link and a server link sit between two socket pairs (the application's end and the
+database's end); the test drives ``Engine.poll`` itself and checks what comes out of the other
+end, byte for byte, and which Python callbacks ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from outpost.pooler._engine import HIGH_WATER, Engine, Link, PoolCore, mentions_keyword
+
+
+def msg(kind: bytes, body: bytes = b"") -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+def query(sql: str) -> bytes:
+    return msg(b"Q", sql.encode() + b"\0")
+
+
+READY_IDLE = msg(b"Z", b"I")
+READY_TXN = msg(b"Z", b"T")
+
+
+class Owner:
+    """Records every callback the engine makes."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.messages: list[tuple[int, bytes]] = []
+        self.reply: bytes | None = None
+        self.ready: list[object] = []
+        self.params: list[bytes] = []
+        self.unanswered: list[tuple[bytes, int, bool]] = []
+        self.bad: list[tuple[int, int]] = []
+        self.released = 0
+        self.terminated = 0
+        self.lost: list[object] = []
+        self.link: Link | None = None
+
+    def _on_data(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def _engine_message(self, kind: int, body: bytes) -> bytes | None:
+        self.messages.append((kind, body))
+        return self.reply
+
+    def _engine_terminate(self) -> None:
+        self.terminated += 1
+
+    def _engine_bad_length(self, kind: int, length: int) -> None:
+        self.bad.append((kind, length))
+
+    def _engine_release(self) -> None:
+        self.released += 1
+
+    def on_ready(self, server: object) -> None:
+        self.ready.append(server)
+        if self.link is not None:
+            self.link.unpair()
+
+    def _engine_param(self, body: bytes) -> None:
+        self.params.append(body)
+
+    def _unanswered(self, entry: tuple[bytes, int, bool]) -> None:
+        self.unanswered.append(entry)
+
+    def connection_lost(self, exc: object) -> None:
+        self.lost.append(exc)
+
+
+class Rig:
+    """An engine with client links and one server link, each on a socket pair."""
+
+    def __init__(self) -> None:
+        self.scheduled: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self.engine = Engine(lambda fn, *args: self.scheduled.append((fn, args)))
+        self.sockets: list[socket.socket] = []
+        self.server_owner = Owner()
+        self.server, self.db = self.link(self.server_owner, server=True)
+
+    def link(self, owner: Owner, *, server: bool, txn: bool = True) -> tuple[Link, socket.socket]:
+        ours, theirs = socket.socketpair()
+        self.sockets += [ours, theirs]
+        ours.setblocking(False)
+        theirs.settimeout(5)
+        link = Link(owner, server, txn)
+        link.adopt(self.engine, os.dup(ours.fileno()), {"peername": ("test", 0)})
+        owner.link = link
+        return link, theirs
+
+    def client(self, *, txn: bool = True) -> tuple[Owner, Link, socket.socket]:
+        owner = Owner()
+        link, app = self.link(owner, server=False, txn=txn)
+        return owner, link, app
+
+    def pump(self, until: Callable[[], bool], timeout: float = 5) -> None:
+        deadline = time.monotonic() + timeout
+        while not until():
+            assert time.monotonic() < deadline, "the engine did not get there in time"
+            self.engine.poll()
+            for fn, args in self.scheduled:
+                fn(*args)
+            self.scheduled.clear()
+
+    def close(self) -> None:
+        self.engine.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    yield r
+    r.close()
+
+
+def recv_exactly(sock: socket.socket, n: int, rig: Rig) -> bytes:
+    out = b""
+    sock.setblocking(False)
+
+    def got() -> bool:
+        nonlocal out
+        try:
+            chunk = sock.recv(n - len(out))
+        except BlockingIOError:
+            return False
+        out += chunk
+        return len(out) >= n or not chunk
+
+    rig.pump(got)
+    return out
+
+
+def test_keyword_prescreen_is_case_insensitive_and_finds_every_word() -> None:
+    for sql in (
+        b"SET Search_Path TO x",
+        b"RESET ALL",
+        b"discard all",
+        b"LISTEN chan",
+        b"select pg_advisory_lock(1)",
+        b"DECLARE c CURSOR WITH HOLD FOR select 1",
+    ):
+        assert mentions_keyword(sql), sql
+    for sql in (b"select 1", b"SELECT abalance FROM pgbench_accounts WHERE aid = 7", b""):
+        assert not mentions_keyword(sql), sql
+
+
+def test_queries_and_answers_pass_through_and_ready_releases(rig: Rig) -> None:
+    owner, client, app = rig.client()
+    client.pair(rig.server)
+    app.sendall(query("select 1"))
+    sent = recv_exactly(rig.db, len(query("select 1")), rig)
+    assert sent == query("select 1")
+    assert rig.server.syncs == 1
+    answer = msg(b"T", b"\0\0") + msg(b"D", b"\0\0") + msg(b"C", b"SELECT 1\0") + READY_IDLE
+    rig.db.sendall(answer)
+    assert recv_exactly(app, len(answer), rig) == answer
+    rig.pump(lambda: bool(owner.ready))
+    assert owner.ready == [rig.server_owner]
+    assert rig.server.syncs == 0
+    assert client.peer is None  # the owner released it
+
+
+def test_no_release_while_a_transaction_is_open(rig: Rig) -> None:
+    owner, client, app = rig.client()
+    client.pair(rig.server)
+    app.sendall(query("begin"))
+    recv_exactly(rig.db, len(query("begin")), rig)
+    rig.db.sendall(msg(b"C", b"BEGIN\0") + READY_TXN)
+    recv_exactly(app, len(msg(b"C", b"BEGIN\0") + READY_TXN), rig)
+    assert owner.ready == []
+    assert rig.server.status == ord("T")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bodies=st.lists(st.binary(max_size=300), min_size=1, max_size=12),
+    cuts=st.lists(st.integers(min_value=1, max_value=97), min_size=1, max_size=40),
+)
+def test_messages_cut_anywhere_arrive_whole_and_in_order(
+    bodies: list[bytes], cuts: list[int]
+) -> None:
+    rig = Rig()
+    try:
+        owner, client, app = rig.client()
+        client.pair(rig.server)
+        # CopyData carries any bytes; a Query every third message; Sync at the end
+        stream = b"".join(
+            query(f"select {i}") if i % 3 == 0 else msg(b"d", body) for i, body in enumerate(bodies)
+        ) + msg(b"S")
+        pos, i = 0, 0
+        while pos < len(stream):
+            step = cuts[i % len(cuts)]
+            app.sendall(stream[pos : pos + step])
+            rig.engine.poll()
+            pos += step
+            i += 1
+        assert recv_exactly(rig.db, len(stream), rig) == stream
+        queries = sum(1 for i in range(len(bodies)) if i % 3 == 0)
+        assert rig.server.syncs == queries + 1
+        assert owner.messages == [] and owner.bad == []
+    finally:
+        rig.close()
+
+
+def test_a_query_naming_a_session_feature_goes_to_python(rig: Rig) -> None:
+    owner, client, app = rig.client()
+    client.pair(rig.server)
+    owner.reply = b""  # refused: nothing is sent
+    app.sendall(query("LISTEN chan") + query("select 2"))
+    assert recv_exactly(rig.db, len(query("select 2")), rig) == query("select 2")
+    assert owner.messages == [(ord("Q"), b"LISTEN chan\0")]
+    assert rig.server.syncs == 1  # only the query that was sent is due an answer
+    owner.reply = None  # let through as it is
+    app.sendall(query("set search_path to a"))
+    assert recv_exactly(rig.db, len(query("set search_path to a")), rig) == query(
+        "set search_path to a"
+    )
+    assert rig.server.syncs == 2
+
+
+def test_named_statements_go_to_python_and_hidden_answers_are_dropped(rig: Rig) -> None:
+    owner, client, app = rig.client()
+    client.pair(rig.server)
+    parse = msg(b"P", b"stmt1\0select 1\0\0\0")
+    owner.reply = msg(b"P", b"_outpost_0\0select 1\0\0\0")
+    rig.server.expect(b"_outpost_0", ord("1"), True)  # what Python queues with its rewrite
+    app.sendall(parse + msg(b"S"))
+    expected = owner.reply + msg(b"S")
+    assert recv_exactly(rig.db, len(expected), rig) == expected
+    assert owner.messages == [(ord("P"), b"stmt1\0select 1\0\0\0")]
+    rig.db.sendall(msg(b"1") + READY_IDLE)
+    assert recv_exactly(app, len(READY_IDLE), rig) == READY_IDLE  # ParseComplete hidden
+    rig.pump(lambda: bool(owner.ready))
+
+
+def test_an_unnamed_parse_stays_in_c_and_its_answer_is_shown(rig: Rig) -> None:
+    owner, client, app = rig.client()
+    client.pair(rig.server)
+    stream = msg(b"P", b"\0select 1\0\0\0") + msg(b"B", b"\0\0\0\0\0\0") + msg(b"E", b"\0\0\0\0\0")
+    stream += msg(b"S")
+    app.sendall(stream)
+    assert recv_exactly(rig.db, len(stream), rig) == stream
+    assert owner.messages == []
+    answer = msg(b"1") + msg(b"2") + msg(b"C", b"SELECT 1\0") + READY_IDLE
+    rig.db.sendall(answer)
+    assert recv_exactly(app, len(answer), rig) == answer
+    rig.pump(lambda: bool(owner.ready))
+    assert rig.server.pending_answers == 0
+
+
+def test_an_error_before_sync_reports_the_statements_left_unanswered(rig: Rig) -> None:
+    owner, client, app = rig.client()
+    client.pair(rig.server)
+    owner.reply = msg(b"P", b"_outpost_1\0select x\0\0\0")
+    rig.server.expect(b"_outpost_1", ord("1"), False)
+    app.sendall(msg(b"P", b"s\0select x\0\0\0") + msg(b"S"))
+    recv_exactly(rig.db, len(owner.reply) + 5, rig)
+    error = msg(b"E", b"SERROR\0C42703\0Mno such column\0\0")
+    rig.db.sendall(error + READY_IDLE)
+    assert recv_exactly(app, len(error + READY_IDLE), rig) == error + READY_IDLE
+    assert rig.server_owner.unanswered == [(b"_outpost_1", ord("1"), False)]
+
+
+def test_parameter_status_reaches_python_and_the_client(rig: Rig) -> None:
+    _owner, client, app = rig.client()
+    client.pair(rig.server)
+    app.sendall(query("set timezone to 'UTC'"))
+    recv_exactly(rig.db, len(query("set timezone to 'UTC'")), rig)
+    status = msg(b"S", b"TimeZone\0UTC\0")
+    rig.db.sendall(msg(b"C", b"SET\0") + status + READY_IDLE)
+    recv_exactly(app, len(msg(b"C", b"SET\0") + status + READY_IDLE), rig)
+    assert rig.server_owner.params == [b"TimeZone\0UTC\0"]
+
+
+@pytest.mark.parametrize("length", [0, 3, 0x40000000])
+def test_a_bad_message_length_is_reported_not_forwarded(rig: Rig, length: int) -> None:
+    owner, client, app = rig.client()
+    client.pair(rig.server)
+    app.sendall(query("select 1") + b"Q" + struct.pack("!I", length) + b"junk")
+    recv_exactly(rig.db, len(query("select 1")), rig)
+    rig.pump(lambda: bool(owner.bad))
+    assert owner.bad == [(ord("Q"), length)]
+
+
+def test_terminate_and_hang_up(rig: Rig) -> None:
+    owner, client, app = rig.client()
+    client.pair(rig.server)
+    app.sendall(msg(b"X"))
+    rig.pump(lambda: owner.terminated == 1)
+    app.close()
+    rig.pump(lambda: bool(owner.lost))
+    assert owner.lost == [None]
+    assert client.closed
+
+
+def test_bytes_without_a_server_go_to_python(rig: Rig) -> None:
+    owner, _client, app = rig.client()
+    app.sendall(query("select 1"))
+    rig.pump(lambda: bool(owner.data))
+    assert b"".join(owner.data) == query("select 1")
+
+
+def test_a_slow_reader_throttles_the_sender_and_nothing_is_lost(rig: Rig) -> None:
+    _owner, client, app = rig.client()
+    client.pair(rig.server)
+    rig.db.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    chunk = msg(b"d", os.urandom(60_000))
+    total = chunk * 80  # 4.8 MB while the database end reads nothing
+    app.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and sent < len(total):
+        with contextlib.suppress(BlockingIOError):
+            sent += app.send(total[sent : sent + 65536])
+        rig.engine.poll()
+    assert sent < len(total), "the engine read everything although nobody took it"
+    # what the engine buffers stays near the high-water mark (plus one read)
+    assert rig.server.get_write_buffer_size() <= HIGH_WATER + 256 * 1024
+    received = bytearray()
+    rig.db.setblocking(False)
+    deadline = time.monotonic() + 20
+    while len(received) < len(total):
+        assert time.monotonic() < deadline
+        if sent < len(total):
+            with contextlib.suppress(BlockingIOError):
+                sent += app.send(total[sent : sent + 65536])
+        rig.engine.poll()
+        with contextlib.suppress(BlockingIOError):
+            received += rig.db.recv(1 << 20)
+    assert bytes(received) == total
+
+
+def test_pool_core_hands_out_and_takes_back_without_python(rig: Rig) -> None:
+    active: set[object] = set()
+    core = PoolCore(active)
+    core.pool_size = 1
+    core.wait_timeout = 30
+    state = ("public", ("UTF8",))
+    rig.server.core = core
+    rig.server.state = state
+    rig.server.generation = core.generation
+    core.push_idle(rig.server)
+    first, first_link, first_app = rig.client()
+    second, second_link, second_app = rig.client()
+    for link in (first_link, second_link):
+        link.core = core
+        link.state = state
+    first_app.sendall(query("select 1"))
+    assert recv_exactly(rig.db, len(query("select 1")), rig) == query("select 1")
+    assert first_link.peer is rig.server and active == {rig.server_owner}
+    second_app.sendall(query("select 2"))
+    rig.pump(lambda: second_link.waiting == 1)
+    assert second_link.pending == len(query("select 2")) and second_link.peer is None
+    rig.db.sendall(msg(b"C", b"SELECT 1\0") + READY_IDLE)
+    # the connection goes straight to the waiting client, which sends what it held
+    assert recv_exactly(rig.db, len(query("select 2")), rig) == query("select 2")
+    assert second_link.peer is rig.server and first_link.peer is None
+    assert core.wait_count == 1 and core.xact_count == 1
+    rig.db.sendall(msg(b"C", b"SELECT 1\0") + READY_IDLE)
+    rig.pump(lambda: core.idle_count == 1)
+    assert active == set() and core.xact_count == 2
+    assert first.messages == second.messages == []
+    assert first.ready == second.ready == []  # no Python on the way
+
+
+def test_pool_core_leaves_a_different_search_path_to_python(rig: Rig) -> None:
+    core = PoolCore(set())
+    core.pool_size = 1
+    rig.server.core = core
+    rig.server.state = ("tenant_a", ())
+    core.push_idle(rig.server)
+    owner, link, app = rig.client()
+    link.core = core
+    link.state = ("tenant_b", ())
+    app.sendall(query("select 1"))
+    rig.pump(lambda: bool(owner.data))
+    assert link.peer is None and core.idle_count == 1  # Python sets search_path first
