@@ -15,6 +15,7 @@ import os
 from outpost.pooler._engine import Engine, Link
 
 log = logging.getLogger("outpost.pooler")
+_NO_EXTRA: dict[str, object] = {}
 
 
 class _Detached(asyncio.Protocol):
@@ -31,13 +32,10 @@ def hand_over(
     if engine is not None and not tls and not transport.get_write_buffer_size():
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            extra = {
-                "peername": transport.get_extra_info("peername"),
-                "sockname": transport.get_extra_info("sockname"),
-            }
             fd = os.dup(sock.fileno())
             try:
-                link.adopt(engine, fd, extra)
+                # no extra info kept: the protocol already has its addresses (idle memory)
+                link.adopt(engine, fd, _NO_EXTRA)
             except (OSError, RuntimeError) as exc:
                 os.close(fd)
                 log.debug("the engine could not take the socket (%s); keeping asyncio's", exc)

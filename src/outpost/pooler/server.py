@@ -68,6 +68,7 @@ _PC, _CC = p.B_PARSE_COMPLETE, p.B_CLOSE_COMPLETE
 
 _monotonic = time.monotonic
 _intern = sys.intern
+_NO_STATEMENTS: dict[bytes, tuple[bytes, bytes]] = {}
 _wants: dict[tuple[tuple[str, str | None], ...], dict[str, str | None]] = {}
 
 
@@ -146,7 +147,9 @@ class ClientSession(p.FramedProtocol):
         self.search_path = ""
         self.want: dict[str, str | None] = {}  # shared between clients: replaced, not changed
         self.state = (None, ())
-        self.statements: dict[bytes, tuple[bytes, bytes]] = {}
+        #: the client's named prepared statements: name -> (server name, Parse body); a shared
+        #: empty dict until the first one (read-only until then: idle memory)
+        self.statements: dict[bytes, tuple[bytes, bytes]] = _NO_STATEMENTS
         self.txn = srv.settings.pool_mode == "transaction"
         self.pid = 0
         self.key = 0
@@ -714,6 +717,8 @@ class ClientSession(p.FramedProtocol):
                 return None
             rest = body[pos:]
             sname = self.srv.statement_name(rest)
+            if self.statements is _NO_STATEMENTS:
+                self.statements = {}
             self.statements[name] = (sname, rest)
             out = b""
             if sname in conn.prepared or sname in conn.uncertain:
