@@ -33,11 +33,78 @@ Method = Literal["scram-sha-256", "md5", "password"]
 
 _SCRAM = ScramMechanism("SCRAM-SHA-256")
 _b64encode = binascii.b2a_base64
-#: Parsed SCRAM verifiers (every login of a route uses the same one); cleared when it grows.
-_verifiers: dict[str, tuple[bytes, bytes, bytes, int]] = {}
-_MAX_VERIFIERS = 10_000
+_a2b_base64 = binascii.a2b_base64
+_sha256 = hashlib.sha256
+_compare = hmac.compare_digest
+_int = int.from_bytes
 #: Large enough for any real password or SASL message, small enough to stop abuse.
 MAX_AUTH_MESSAGE = 8192
+#: AuthenticationSASL offering SCRAM-SHA-256 (the same bytes for every login).
+_SASL_REQUEST = p.auth_request(p.AUTH_SASL, p.cstring("SCRAM-SHA-256") + b"\0")
+_SCRAM_MECHANISM = p.cstring("SCRAM-SHA-256")
+
+
+class _Mac:
+    """HMAC-SHA-256 under one key, set up once (the standard library's HMAC, copied per message);
+    ``digest(msg)`` equals ``hmac.digest(key, msg, "sha256")``."""
+
+    __slots__ = ("_mac",)
+
+    def __init__(self, key: bytes) -> None:
+        self._mac = hmac.new(key, digestmod="sha256")
+
+    def digest(self, msg: bytes) -> bytes:
+        mac = self._mac.copy()
+        mac.update(msg)
+        return mac.digest()
+
+
+class _ScramKeys:
+    """A parsed SCRAM verifier and what every login with it reuses."""
+
+    __slots__ = (
+        "client_mac",
+        "iterations",
+        "salt",
+        "server_first_tail",
+        "server_mac",
+        "stored_key",
+    )
+
+    def __init__(self, verifier: str) -> None:
+        salt, stored_key, server_key, iterations = parse_scram_verifier(verifier)
+        self.salt = salt
+        self.stored_key = stored_key
+        self.iterations = iterations
+        #: server-first after the nonce: ``,s=<salt>,i=<iterations>``
+        self.server_first_tail = f",s={_b64encode(salt, newline=False).decode()},i={iterations}"
+        self.client_mac = _Mac(stored_key)  # ClientSignature = HMAC(StoredKey, AuthMessage)
+        self.server_mac = _Mac(server_key)  # ServerSignature = HMAC(ServerKey, AuthMessage)
+
+
+#: Parsed SCRAM verifiers (every login of a route uses the same one); cleared when it grows.
+_verifiers: dict[str, _ScramKeys] = {}
+_MAX_VERIFIERS = 10_000
+
+#: Server nonces: base64 of 18 random bytes each, made 64 at a time (one getrandom call instead
+#: of one per login); forgotten in a forked child, so that two processes never share one.
+_NONCE_BYTES = 18
+_NONCE_BATCH = 64
+_nonces: list[str] = []
+
+
+def _server_nonce() -> str:
+    if not _nonces:
+        raw = os.urandom(_NONCE_BYTES * _NONCE_BATCH)
+        _nonces.extend(
+            _b64encode(raw[i : i + _NONCE_BYTES], newline=False).decode()
+            for i in range(0, len(raw), _NONCE_BYTES)
+        )
+    return _nonces.pop()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_nonces.clear)
 
 
 class AuthFailed(Exception):
@@ -94,10 +161,10 @@ async def check_cleartext(password: str, user: str, secret: ClientSecret) -> boo
     return False
 
 
-def _scram_keys(verifier: str) -> tuple[bytes, bytes, bytes, int]:
+def _scram_keys(verifier: str) -> _ScramKeys:
     keys = _verifiers.get(verifier)
     if keys is None:
-        keys = parse_scram_verifier(verifier)  # PasswordFormatError when it is not one
+        keys = _ScramKeys(verifier)  # PasswordFormatError when it is not one
         if len(_verifiers) >= _MAX_VERIFIERS:
             _verifiers.clear()
         _verifiers[verifier] = keys
@@ -151,67 +218,128 @@ async def _password(conn: p.FramedProtocol, user: str) -> str:
 
 
 async def _scram_exchange(conn: p.FramedProtocol, user: str, secret: ClientSecret) -> bytes:
-    """The server side of SCRAM-SHA-256 (RFC 5802/7677) as PostgreSQL runs it.
+    """The server side of SCRAM-SHA-256 (``ScramServer``) over CONN.
 
-    Written out here because libpq sends an empty user name in client-first (``n=``), which
-    scramp's server refuses; the client side (``server_login``) uses scramp. Returns the
-    AuthenticationSASLFinal message (the caller sends it with AuthenticationOk).
+    Returns the AuthenticationSASLFinal message (the caller sends it with AuthenticationOk).
     """
     assert secret.scram is not None
-    try:
-        salt, stored_key, server_key, iterations = _scram_keys(secret.scram)
-    except PasswordFormatError:
-        raise AuthFailed(user) from None
-    conn.transport.write(p.auth_request(p.AUTH_SASL, p.cstring("SCRAM-SHA-256") + b"\0"))
+    scram = ScramServer(user, secret.scram)
+    conn.transport.write(scram.request)
     kind, body = await conn.read_message(MAX_AUTH_MESSAGE)
-    if kind != p.F_PASSWORD:
-        raise p.ProtocolViolation("expected a SASLInitialResponse message")
-    mechanism, pos = p.split_cstring(body)
-    if mechanism != b"SCRAM-SHA-256":
-        raise AuthRefused(
-            f"SASL mechanism {mechanism.decode(errors='replace')!r} is not supported; "
-            "use SCRAM-SHA-256 without channel binding"
+    conn.transport.write(scram.client_first(kind, body))
+    kind, body = await conn.read_message(MAX_AUTH_MESSAGE)
+    return scram.client_final(kind, body)
+
+
+def _attribute(text: str, name: str) -> str:
+    """``dict(item.split("=", 1) for item in text.split(","))[name]``, without the dict: the
+    value of the last NAME=... attribute; ValueError when an item has no "=", KeyError when
+    there is no NAME."""
+    value = None
+    for item in text.split(","):
+        key, sep, found = item.partition("=")
+        if not sep:
+            raise ValueError("a SCRAM attribute without '='")
+        if key == name:
+            value = found
+    if value is None:
+        raise KeyError(name)
+    return value
+
+
+class ScramServer:
+    """The server side of SCRAM-SHA-256 (RFC 5802/7677) as PostgreSQL runs it, without I/O.
+
+    Written out here because libpq sends an empty user name in client-first (``n=``), which
+    scramp's server refuses; the client side (``server_login``) uses scramp. Send ``request``
+    (AuthenticationSASL), answer the client's SASLInitialResponse with ``client_first`` (its
+    AuthenticationSASLContinue) and its SASLResponse with ``client_final``, which checks the
+    proof and returns AuthenticationSASLFinal. Raises AuthFailed (a wrong password or an
+    unusable verifier), AuthRefused (an unsupported mechanism or channel binding) or
+    ProtocolViolation (a malformed message).
+    """
+
+    __slots__ = ("_bare", "_gs2_header", "_keys", "_nonce", "_server_first", "user")
+
+    request = _SASL_REQUEST
+
+    def __init__(self, user: str, verifier: str) -> None:
+        self.user = user
+        try:
+            self._keys = _scram_keys(verifier)
+        except PasswordFormatError:
+            raise AuthFailed(user) from None
+        self._bare = self._gs2_header = self._nonce = self._server_first = ""
+
+    def client_first(self, kind: int, body: bytes) -> bytes:
+        """The SASLInitialResponse (KIND, BODY) -> AuthenticationSASLContinue (server-first)."""
+        if kind != p.F_PASSWORD:
+            raise p.ProtocolViolation("expected a SASLInitialResponse message")
+        if body.startswith(_SCRAM_MECHANISM):
+            pos = len(_SCRAM_MECHANISM)
+        else:
+            mechanism, pos = p.split_cstring(body)
+            if mechanism != b"SCRAM-SHA-256":
+                raise AuthRefused(
+                    f"SASL mechanism {mechanism.decode(errors='replace')!r} is not supported; "
+                    "use SCRAM-SHA-256 without channel binding"
+                )
+        if len(body) < pos + 4:
+            raise p.ProtocolViolation("the SASLInitialResponse message is truncated")
+        (length,) = p.INT32.unpack_from(body, pos)
+        try:
+            first = body[pos + 4 : pos + 4 + max(length, 0)].decode()
+            gs2_cb, _authzid, bare = first.split(",", 2)
+            if gs2_cb not in ("n", "y"):
+                raise AuthRefused("SCRAM channel binding is not supported by the pooler")
+            client_nonce = _attribute(bare, "r")
+            gs2_header = first[: len(first) - len(bare)]
+        except (ValueError, KeyError, UnicodeDecodeError):
+            raise p.ProtocolViolation("malformed SCRAM client-first message") from None
+        nonce = client_nonce + _server_nonce()
+        server_first = f"r={nonce}{self._keys.server_first_tail}"
+        self._bare = bare
+        self._gs2_header = gs2_header
+        self._nonce = nonce
+        self._server_first = server_first
+        return p.auth_request(p.AUTH_SASL_CONTINUE, server_first.encode())
+
+    def client_final(self, kind: int, body: bytes) -> bytes:
+        """The SASLResponse (KIND, BODY) -> AuthenticationSASLFinal, once the proof checks."""
+        if kind != p.F_PASSWORD:
+            raise p.ProtocolViolation("expected a SASLResponse message")
+        if not self._nonce:
+            raise p.ProtocolViolation("a SCRAM client-final message before client-first")
+        keys = self._keys
+        gs2_header = self._gs2_header
+        try:
+            final = body.decode()
+            without_proof, _, proof_attr = final.rpartition(",p=")
+            fattrs = dict([item.split("=", 1) for item in without_proof.split(",")])
+            try:  # the common case; anything else is decoded exactly as before
+                proof = _a2b_base64(proof_attr, strict_mode=True)
+            except ValueError:
+                proof = base64.b64decode(proof_attr, validate=True)
+            binding = fattrs["c"]
+            if binding == _b64encode(gs2_header.encode(), newline=False).decode():
+                channel = gs2_header
+            else:
+                channel = base64.b64decode(binding).decode()
+        except (ValueError, KeyError, UnicodeDecodeError, binascii.Error):
+            raise p.ProtocolViolation("malformed SCRAM client-final message") from None
+        stored_key = keys.stored_key
+        if fattrs.get("r") != self._nonce or channel != gs2_header or len(proof) != len(stored_key):
+            raise AuthFailed(self.user)
+        auth_message = f"{self._bare},{self._server_first},{without_proof}".encode()
+        client_signature = keys.client_mac.digest(auth_message)
+        # ClientKey = proof XOR signature; it must hash to StoredKey
+        client_key = (_int(proof) ^ _int(client_signature)).to_bytes(len(proof))
+        if not _compare(_sha256(client_key).digest(), stored_key):
+            raise AuthFailed(self.user)
+        server_signature = keys.server_mac.digest(auth_message)
+        return p.auth_request(
+            p.AUTH_SASL_FINAL, b"v=" + _b64encode(server_signature, newline=False)
         )
-    if len(body) < pos + 4:
-        raise p.ProtocolViolation("the SASLInitialResponse message is truncated")
-    (length,) = p.INT32.unpack_from(body, pos)
-    try:
-        first = body[pos + 4 : pos + 4 + max(length, 0)].decode()
-        gs2_cb, _authzid, bare = first.split(",", 2)
-        if gs2_cb not in ("n", "y"):
-            raise AuthRefused("SCRAM channel binding is not supported by the pooler")
-        attrs = dict(item.split("=", 1) for item in bare.split(","))
-        client_nonce = attrs["r"]
-        gs2_header = first[: len(first) - len(bare)]
-    except (ValueError, KeyError, UnicodeDecodeError):
-        raise p.ProtocolViolation("malformed SCRAM client-first message") from None
-    nonce = client_nonce + _b64encode(os.urandom(18), newline=False).decode()
-    server_first = f"r={nonce},s={_b64encode(salt, newline=False).decode()},i={iterations}"
-    conn.transport.write(p.auth_request(p.AUTH_SASL_CONTINUE, server_first.encode()))
-    kind, body = await conn.read_message(MAX_AUTH_MESSAGE)
-    if kind != p.F_PASSWORD:
-        raise p.ProtocolViolation("expected a SASLResponse message")
-    try:
-        final = body.decode()
-        without_proof, _, proof_attr = final.rpartition(",p=")
-        fattrs = dict(item.split("=", 1) for item in without_proof.split(","))
-        proof = base64.b64decode(proof_attr, validate=True)
-        channel = base64.b64decode(fattrs["c"]).decode()
-    except (ValueError, KeyError, UnicodeDecodeError, binascii.Error):
-        raise p.ProtocolViolation("malformed SCRAM client-final message") from None
-    if fattrs.get("r") != nonce or channel != gs2_header or len(proof) != len(stored_key):
-        raise AuthFailed(user)
-    auth_message = f"{bare},{server_first},{without_proof}".encode()
-    client_signature = hmac.digest(stored_key, auth_message, "sha256")
-    size = len(proof)
-    client_key = (
-        int.from_bytes(proof) ^ int.from_bytes(client_signature)  # proof XOR signature
-    ).to_bytes(size)
-    if not hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key):
-        raise AuthFailed(user)
-    server_signature = hmac.digest(server_key, auth_message, "sha256")
-    final_message = b"v=" + _b64encode(server_signature, newline=False)
-    return p.auth_request(p.AUTH_SASL_FINAL, final_message)
 
 
 # --- the pooler as a client of PostgreSQL ---------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -246,8 +247,11 @@ def cancel_request(pid: int, key: int) -> bytes:
     return struct.pack("!iiii", 16, CANCEL_REQUEST, pid, key)
 
 
+_AUTH_HEADER = struct.Struct("!BIi")  # 'R', length, code
+
+
 def auth_request(code: int, extra: bytes = b"") -> bytes:
-    return message(B_AUTH, INT32.pack(code) + extra)
+    return _AUTH_HEADER.pack(B_AUTH, len(extra) + 8, code) + extra
 
 
 AUTH_OK_MESSAGE = auth_request(AUTH_OK)
@@ -257,8 +261,11 @@ def parameter_status(name: str, value: str) -> bytes:
     return message(B_PARAMETER_STATUS, cstring(name) + cstring(value))
 
 
+_BACKEND_KEY_DATA = struct.Struct("!BIii")  # 'K', 12, pid, key
+
+
 def backend_key_data(pid: int, key: int) -> bytes:
-    return message(B_BACKEND_KEY, struct.pack("!ii", pid, key))
+    return _BACKEND_KEY_DATA.pack(B_BACKEND_KEY, 12, pid, key)
 
 
 READY_IDLE = message(B_READY, b"I")
@@ -447,7 +454,7 @@ class FramedProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
-            self.peer = (str(peer[0]), int(peer[1]))
+            self.peer = (sys.intern(str(peer[0])), int(peer[1]))
         else:
             self.peer = ("unix", 0)
 

@@ -5,10 +5,11 @@ encrypted store, a Perseus-compatible ``perseus_auth`` table, and a static list 
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
@@ -66,12 +67,29 @@ class RouteError(Exception):
     """The route source itself failed (auth database unreachable, bad row); a clear sentence."""
 
 
+class WouldBlock(enum.Enum):
+    """The type of WOULD_BLOCK."""
+
+    WOULD_BLOCK = "would block"
+
+
+#: ``lookup_nowait``'s answer when the source cannot answer without waiting.
+WOULD_BLOCK: Final = WouldBlock.WOULD_BLOCK
+
+
 class RouteSource(ABC):
     """Where routes come from. Implementations must be safe to call from the event loop."""
 
     @abstractmethod
     async def lookup(self, database: str, schema: str) -> Route | None:
         """The route for (database, schema), or None when there is none."""
+
+    def lookup_nowait(self, database: str, schema: str) -> Route | WouldBlock | None:
+        """What ``await lookup(database, schema)`` would answer, when the source has it at hand
+        (a loaded or cached route, or a known miss); WOULD_BLOCK when it has to wait (a query,
+        a password to fetch), and then ``lookup`` is the way. Raises what ``lookup`` raises.
+        Lets a login that needs nothing else to wait for run without a task."""
+        return WOULD_BLOCK
 
     @abstractmethod
     async def routes(self) -> list[Route]:
@@ -94,6 +112,9 @@ class StaticRoutes(RouteSource):
         self._routes = {(r.database, r.schema): r for r in routes}
 
     async def lookup(self, database: str, schema: str) -> Route | None:
+        return self._routes.get((database, schema))
+
+    def lookup_nowait(self, database: str, schema: str) -> Route | None:
         return self._routes.get((database, schema))
 
     async def routes(self) -> list[Route]:

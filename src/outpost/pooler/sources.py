@@ -39,12 +39,14 @@ from outpost.pooler.kms import kms_decrypt
 from outpost.pooler.passwords import PasswordFormatError, check_scrypt_hash
 from outpost.pooler.route_admin import decode_secret
 from outpost.pooler.routes import (
+    WOULD_BLOCK,
     ClientSecret,
     Destination,
     Route,
     RouteError,
     RouteSource,
     SslMode,
+    WouldBlock,
 )
 from outpost.state.codec import decode_options
 from outpost.state.commands import StoredConnection, StoredRoute
@@ -261,7 +263,7 @@ class StoreRoutes(RouteSource):
 
     # RouteSource
 
-    async def lookup(self, database: str, schema: str) -> Route | None:
+    def lookup_nowait(self, database: str, schema: str) -> Route | WouldBlock | None:
         self._maybe_reload()
         entry = self._entries.get((database, schema))
         if entry is None:
@@ -272,6 +274,13 @@ class StoreRoutes(RouteSource):
             )
         if entry.source is None:
             return entry.route
+        return WOULD_BLOCK  # the destination password comes from a credential source
+
+    async def lookup(self, database: str, schema: str) -> Route | None:
+        found = self.lookup_nowait(database, schema)
+        if found is not WOULD_BLOCK:
+            return found
+        entry = self._entries[(database, schema)]
         try:
             return await asyncio.to_thread(self._with_password, entry)
         except OutpostError as exc:
@@ -535,12 +544,18 @@ class TableRoutes(RouteSource):
 
     # RouteSource
 
-    async def lookup(self, database: str, schema: str) -> Route | None:
-        key = (database, schema)
-        cached = self._cache.get(key)
+    def lookup_nowait(self, database: str, schema: str) -> Route | WouldBlock | None:
+        cached = self._cache.get((database, schema))
         now = self.clock()
         if cached is not None and cached[0] > now:
             return cached[1]
+        return WOULD_BLOCK
+
+    async def lookup(self, database: str, schema: str) -> Route | None:
+        key = (database, schema)
+        found = self.lookup_nowait(database, schema)
+        if found is not WOULD_BLOCK:
+            return found
         pending = self._inflight.get(key)
         if pending is not None:  # one query per key at a time; the others wait for it
             return await asyncio.shield(pending)
@@ -597,6 +612,13 @@ class ChainedRoutes(RouteSource):
         for source in self.sources:
             route = await source.lookup(database, schema)
             if route is not None:
+                return route
+        return None
+
+    def lookup_nowait(self, database: str, schema: str) -> Route | WouldBlock | None:
+        for source in self.sources:
+            route = source.lookup_nowait(database, schema)
+            if route is not None:  # a route, or WOULD_BLOCK: ``lookup`` asks again
                 return route
         return None
 
