@@ -301,3 +301,19 @@ def test_outpost_serve_runs_the_pooler_of_its_config(agent_with_route: Agent) ->
             assert client.execute("SELECT name FROM whoami").fetchone() == ("tenant_a",)
         metrics = httpx.get(f"{agent.url}/metrics", timeout=10).text
         assert "outpost_pooler_" in metrics
+
+
+def test_a_console_session_outlives_the_login_timeout(
+    pooler: RunningPooler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The login timeout bounds the login only, not the console session that follows it."""
+    import time
+
+    from outpost.pooler import server
+
+    monkeypatch.setattr(server, "LOGIN_TIMEOUT", 0.5)
+    with _console(pooler.port) as console:
+        _show(console, "SHOW POOLS")
+        time.sleep(1.0)  # the session is older than the (patched) login timeout
+        columns, _rows = _show(console, "SHOW POOLS")
+        assert columns[0] == "database"

@@ -372,6 +372,10 @@ class ClientSession(p.FramedProtocol):
         try:
             async with asyncio.timeout(LOGIN_TIMEOUT):
                 await self._startup()
+            if self.admin:  # a console session: as long as the admin likes
+                from outpost.pooler.admin import AdminSession
+
+                await AdminSession(self.srv, self).run()
         except p.ProtocolViolation as exc:
             self.fatal(p.PROTOCOL_VIOLATION, str(exc))
         except (AuthFailed, AuthRefused) as exc:
@@ -484,8 +488,6 @@ class ClientSession(p.FramedProtocol):
             self.link.feed(leftover)
 
     async def _admin_login(self) -> None:
-        from outpost.pooler.admin import AdminSession
-
         srv = self.srv
         if self.user not in srv.config.admin_users:
             raise AuthRefused(
@@ -527,7 +529,6 @@ class ClientSession(p.FramedProtocol):
         out.append(p.backend_key_data(self.pid, self.key))
         out.append(p.READY_IDLE)
         self.transport.write(b"".join(out))
-        await AdminSession(srv, self).run()
 
     # --- forwarding -------------------------------------------------------------------------
 
