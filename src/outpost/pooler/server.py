@@ -38,7 +38,7 @@ from outpost.pooler.pool import (
     negotiate_server_tls,
 )
 from outpost.pooler.pool import share as _share
-from outpost.pooler.routes import Destination, RouteError, RouteSource
+from outpost.pooler.routes import WOULD_BLOCK, Destination, RouteError, RouteSource
 
 if TYPE_CHECKING:
     from outpost.config import LoadedConfig, PoolerConfig
@@ -433,7 +433,8 @@ class ClientSession(p.FramedProtocol):
             return
         schema = p.schema_from_params(params) or "public"
         self.schema = _intern(schema)
-        route = await srv.routes.lookup(self.database, schema)
+        found = srv.routes.lookup_nowait(self.database, schema)  # no coroutine when at hand
+        route = await srv.routes.lookup(self.database, schema) if found is WOULD_BLOCK else found
         if route is None:
             raise PoolError(
                 f'no route for database "{self.database}" and schema "{schema}"; add one with '
