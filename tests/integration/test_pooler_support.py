@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 import threading
@@ -53,7 +54,12 @@ class RunningPooler:
     def _run(self) -> None:
         import uvloop
 
-        loop = uvloop.new_event_loop()
+        # uvloop as `outpost pooler serve` runs it; OUTPOST_TEST_POOLER_LOOP=asyncio for the
+        # standard library's loop (the `speed` extra is optional)
+        if os.environ.get("OUTPOST_TEST_POOLER_LOOP") == "asyncio":
+            loop = asyncio.new_event_loop()
+        else:
+            loop = uvloop.new_event_loop()
         self.loop = loop
         asyncio.set_event_loop(loop)
         try:
