@@ -30,6 +30,15 @@
  * ('syncs'), an extended-protocol message since the last Sync ('unsynced'), the transaction
  * status, and the queue of ParseComplete/CloseComplete answers due (those of statements the
  * pooler added itself are hidden from the client).
+ *
+ * A PoolCore is the part of a pool.Pool the engine needs: the idle server links, the queue of
+ * waiting clients, the statistics. In transaction mode a client with no server takes an idle
+ * one in the same state (search_path and tracked settings: Link.state) or queues when none can
+ * be opened (fast_checkout), and a server whose transaction ended goes to the first waiter in
+ * the same state or back to the idle list (fast_release) -- without calling Python. Anything
+ * else (a connection to open or to bring to the client's state, a paused, closed or redirected
+ * pool, a connection past max_lifetime, a waiter that is not a client link) is on_ready /
+ * _on_data in Python, which uses the same PoolCore.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -40,6 +49,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_MESSAGE_LENGTH 0x3FFFFFFF
@@ -409,8 +419,6 @@ static int call_bad_length(LinkObject *l, int kind, uint32_t length) {
 }
 
 /* --- the pool's fast paths: hand out and take back connections without Python ---------------- */
-
-#include <time.h>
 
 static double now_mono(void) {
     struct timespec ts;
