@@ -390,3 +390,33 @@ def test_pool_core_leaves_a_different_search_path_to_python(rig: Rig) -> None:
     app.sendall(query("select 1"))
     rig.pump(lambda: bool(owner.data))
     assert link.peer is None and core.idle_count == 1  # Python sets search_path first
+
+
+def test_a_statement_left_uncertain_is_closed_and_prepared_again_unseen(rig: Rig) -> None:
+    """A Close the server skipped (after an error) leaves the statement uncertain on that
+    connection: the next client to bind it gets a Close and a Parse sent first, whose answers
+    the client never sees."""
+    from outpost.pooler import protocol as p
+    from outpost.pooler.pool import Pool, PoolSettings, ServerConnection
+    from outpost.pooler.routes import Destination
+    from outpost.pooler.server import ClientSession
+
+    pool = Pool(Destination("127.0.0.1", 5432, "db", "u"), PoolSettings())
+    conn = ServerConnection(pool)
+    name, rest = b"_outpost_0", b"select 1\0\0\0"
+    conn.uncertain.add(name)
+    out = ClientSession._ensure(None, conn, name, rest)  # type: ignore[arg-type]  # uses no self
+    assert out == p.close_statement(name) + p.parse_message(name, rest)
+    assert conn.link.pending_answers == 2
+    assert name in conn.prepared and not conn.uncertain
+    # the server's answers to both are hidden; what follows reaches the client
+    ours, db = socket.socketpair()
+    rig.sockets += [ours, db]
+    ours.setblocking(False)
+    conn.link.adopt(rig.engine, os.dup(ours.fileno()), {})
+    _owner, client, app = rig.client()
+    client.pair(conn.link)
+    complete = msg(b"C", b"SELECT 1\0")
+    db.sendall(msg(b"3") + msg(b"1") + complete)
+    assert recv_exactly(app, len(complete), rig) == complete
+    assert conn.link.pending_answers == 0
