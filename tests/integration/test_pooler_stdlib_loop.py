@@ -3,7 +3,6 @@ forwarding engine's sockets, queue and hand-over work there too."""
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 
@@ -25,18 +24,11 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def pooler(tenant_db: TenantDb) -> Iterator[RunningPooler]:  # noqa: F811
-    old = os.environ.get("OUTPOST_TEST_POOLER_LOOP")
-    os.environ["OUTPOST_TEST_POOLER_LOOP"] = "asyncio"
-    try:
-        config = PoolerConfig(pool_size=1, client_wait_timeout=20)
-        with running_pooler(config, StaticRoutes(tenant_db.routes())) as running:
-            assert running.loop is not None and "uvloop" not in type(running.loop).__module__
-            yield running
-    finally:
-        if old is None:
-            os.environ.pop("OUTPOST_TEST_POOLER_LOOP", None)
-        else:
-            os.environ["OUTPOST_TEST_POOLER_LOOP"] = old
+    config = PoolerConfig(pool_size=1, client_wait_timeout=20)
+    routes = StaticRoutes(tenant_db.routes())
+    with running_pooler(config, routes, stdlib_loop=True) as running:
+        assert running.loop is not None and "uvloop" not in type(running.loop).__module__
+        yield running
 
 
 def test_tenants_queue_for_one_server_connection_and_see_their_own_schema(

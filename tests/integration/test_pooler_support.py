@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import struct
 import threading
@@ -30,10 +29,12 @@ TENANTS = ("tenant_a", "tenant_b", "tenant_c")
 
 @dataclass
 class RunningPooler:
-    """A PoolerServer on its own event loop (uvloop) in a thread, on a free port."""
+    """A PoolerServer on its own event loop (uvloop, or the standard library's with
+    stdlib_loop) in a thread, on a free port."""
 
     config: PoolerConfig
     routes: RouteSource
+    stdlib_loop: bool = False
     port: int = 0
     server: PoolerServer | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -54,12 +55,8 @@ class RunningPooler:
     def _run(self) -> None:
         import uvloop
 
-        # uvloop as `outpost pooler serve` runs it; OUTPOST_TEST_POOLER_LOOP=asyncio for the
-        # standard library's loop (the `speed` extra is optional)
-        if os.environ.get("OUTPOST_TEST_POOLER_LOOP") == "asyncio":
-            loop = asyncio.new_event_loop()
-        else:
-            loop = uvloop.new_event_loop()
+        # uvloop as `outpost pooler serve` runs it, or asyncio's own (`speed` is an extra)
+        loop = asyncio.new_event_loop() if self.stdlib_loop else uvloop.new_event_loop()
         self.loop = loop
         asyncio.set_event_loop(loop)
         try:
@@ -122,8 +119,10 @@ class RunningPooler:
 
 
 @contextlib.contextmanager
-def running_pooler(config: PoolerConfig, routes: RouteSource) -> Iterator[RunningPooler]:
-    pooler = RunningPooler(config, routes).start()
+def running_pooler(
+    config: PoolerConfig, routes: RouteSource, *, stdlib_loop: bool = False
+) -> Iterator[RunningPooler]:
+    pooler = RunningPooler(config, routes, stdlib_loop=stdlib_loop).start()
     try:
         yield pooler
     finally:

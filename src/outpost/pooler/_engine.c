@@ -411,7 +411,12 @@ static int call_on_data(LinkObject *l, const char *data, Py_ssize_t n) {
 }
 
 static int call_bad_length(LinkObject *l, int kind, uint32_t length) {
-    PyObject *r = PyObject_CallMethod(l->owner, "_engine_bad_length", "iI", kind, length);
+    PyObject *k = PyLong_FromLong(kind), *len = PyLong_FromUnsignedLong(length);
+    PyObject *r = (k && len) ? PyObject_CallMethodObjArgs(l->owner, s_engine_bad_length, k, len,
+                                                           NULL)
+                             : NULL;
+    Py_XDECREF(k);
+    Py_XDECREF(len);
     if (r == NULL)
         return -1;
     Py_DECREF(r);
@@ -532,6 +537,15 @@ static void unpair_links(LinkObject *c, LinkObject *s) {
 
 static int dispatch(LinkObject *l, const char *data, Py_ssize_t n);
 
+/* Keep N bytes for client C until a server connection comes. */
+static int pend_append(LinkObject *c, const char *data, Py_ssize_t n) {
+    if (ensure_cap(&c->pend, &c->pend_cap, c->pend_len + n) < 0)
+        return -1;
+    memcpy(c->pend + c->pend_len, data, n);
+    c->pend_len += n;
+    return 0;
+}
+
 /* A waiting client got server S (already paired): send what it held. */
 static int send_held(LinkObject *c) {
     if (c->pend_len == 0)
@@ -630,13 +644,9 @@ static int fast_checkout(LinkObject *c, const char *data, Py_ssize_t n) {
     if (core->idle_len || core_total(core) < core->pool_size)
         return 0; /* a connection to prepare, or one to open: Python's work */
     /* wait for a connection in the queue, holding the bytes */
-    if (ensure_cap(&c->pend, &c->pend_cap, c->pend_len + c->part_len + n) < 0)
+    if (pend_append(c, c->part, c->part_len) < 0 || pend_append(c, data, n) < 0)
         return -1;
-    memcpy(c->pend + c->pend_len, c->part, c->part_len);
-    c->pend_len += c->part_len;
     c->part_len = 0;
-    memcpy(c->pend + c->pend_len, data, n);
-    c->pend_len += n;
     double now = now_mono();
     c->holding = 1;
     c->waiting = 1;
@@ -778,7 +788,10 @@ static int scan_client(LinkObject *c, LinkObject *s, const char *data, Py_ssize_
             PyObject *bodyb = PyBytes_FromStringAndSize(body, blen);
             if (bodyb == NULL)
                 return -1;
-            PyObject *r = PyObject_CallMethod(c->owner, "_engine_message", "iO", kind, bodyb);
+            PyObject *k = PyLong_FromLong(kind);
+            PyObject *r = k ? PyObject_CallMethodObjArgs(c->owner, s_engine_message, k, bodyb, NULL)
+                            : NULL;
+            Py_XDECREF(k);
             Py_DECREF(bodyb);
             if (r == NULL)
                 return -1;
@@ -935,13 +948,8 @@ static int scan_server(LinkObject *s, LinkObject *c, const char *data, Py_ssize_
 static int dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
     if (l->closed)
         return 0;
-    if (l->holding) { /* waiting for a server connection */
-        if (ensure_cap(&l->pend, &l->pend_cap, l->pend_len + n) < 0)
-            return -1;
-        memcpy(l->pend + l->pend_len, data, n);
-        l->pend_len += n;
-        return 0;
-    }
+    if (l->holding) /* waiting for a server connection */
+        return pend_append(l, data, n);
     if (l->peer == NULL && !l->server) {
         int done = fast_checkout(l, data, n);
         if (done)
@@ -1241,13 +1249,6 @@ static PyObject *Link_expect(LinkObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Link_reset_answers(LinkObject *self, PyObject *Py_UNUSED(ignored)) {
-    expect_clear(self);
-    self->syncs = 0;
-    self->unsynced = 0;
-    Py_RETURN_NONE;
-}
-
 static PyObject *Link_get_partial(LinkObject *self, void *Py_UNUSED(closure)) {
     return PyBytes_FromStringAndSize(self->part, self->part_len);
 }
@@ -1277,10 +1278,6 @@ static PyObject *Link_get_pending_answers(LinkObject *self, void *Py_UNUSED(clos
 
 static PyObject *Link_get_closed(LinkObject *self, void *Py_UNUSED(closure)) {
     return PyBool_FromLong(self->closed);
-}
-
-static PyObject *Link_get_raw(LinkObject *self, void *Py_UNUSED(closure)) {
-    return PyBool_FromLong(self->transport == NULL);
 }
 
 static int Link_set_core(LinkObject *self, PyObject *value, void *Py_UNUSED(closure)) {
@@ -1320,11 +1317,7 @@ static PyObject *Link_hold(LinkObject *self, PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    int rc = ensure_cap(&self->pend, &self->pend_cap, self->pend_len + view.len);
-    if (rc == 0) {
-        memcpy(self->pend + self->pend_len, view.buf, view.len);
-        self->pend_len += view.len;
-    }
+    int rc = pend_append(self, view.buf, view.len);
     PyBuffer_Release(&view);
     if (rc < 0)
         return NULL;
@@ -1345,7 +1338,6 @@ static PyGetSetDef Link_getset[] = {
     {"pending_answers", (getter)Link_get_pending_answers, NULL,
      "ReadyForQuery/ParseComplete/CloseComplete answers still due", NULL},
     {"closed", (getter)Link_get_closed, NULL, "whether the socket is closed", NULL},
-    {"raw", (getter)Link_get_raw, NULL, "whether the engine owns the socket", NULL},
     {"core", (getter)Link_get_core, (setter)Link_set_core, "the pool's PoolCore", NULL},
     {"state", (getter)Link_get_state, (setter)Link_set_state,
      "search_path and tracked settings (equal on a client and the server it gets)", NULL},
@@ -1365,7 +1357,6 @@ static PyMemberDef Link_members[] = {
     {"unsynced", T_INT, offsetof(LinkObject, unsynced), 0,
      "an extended-protocol message was sent since the last Sync"},
     {"status", T_INT, offsetof(LinkObject, status), 0, "the transaction status byte"},
-    {"fd", T_INT, offsetof(LinkObject, fd), READONLY, "the socket (raw mode), or -1"},
     {"attached_at", T_DOUBLE, offsetof(LinkObject, attached_at), 0,
      "server: when its current client got it (monotonic)"},
     {"last_used", T_DOUBLE, offsetof(LinkObject, last_used), 0, "server: last released"},
@@ -1401,8 +1392,6 @@ static PyMethodDef Link_methods[] = {
      "adopt(engine, fd, extra): the engine owns socket FD from now on."},
     {"expect", (PyCFunction)Link_expect, METH_VARARGS,
      "expect(name, kind, drop): a ParseComplete/CloseComplete due for a message sent."},
-    {"reset_answers", (PyCFunction)Link_reset_answers, METH_NOARGS,
-     "Forget the answers due (the connection was reset)."},
     {"hold", (PyCFunction)Link_hold, METH_O, "Keep bytes until a server connection comes."},
     {"take_pending", (PyCFunction)Link_take_pending, METH_NOARGS, "The bytes held, emptied."},
     {NULL},
@@ -1749,15 +1738,6 @@ static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored)) 
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_get_count(EngineObject *self, void *Py_UNUSED(closure)) {
-    return PyLong_FromSsize_t(PyDict_GET_SIZE(self->links));
-}
-
-static PyGetSetDef Engine_getset[] = {
-    {"count", (getter)Engine_get_count, NULL, "sockets the engine owns", NULL},
-    {NULL},
-};
-
 static PyMethodDef Engine_methods[] = {
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll fd to watch for reading."},
     {"poll", (PyCFunction)Engine_poll, METH_NOARGS, "Handle the sockets that are ready."},
@@ -1774,7 +1754,6 @@ static PyTypeObject EngineType = {
     .tp_traverse = (traverseproc)Engine_traverse,
     .tp_clear = (inquiry)Engine_clear_refs,
     .tp_methods = Engine_methods,
-    .tp_getset = Engine_getset,
     .tp_doc = "An epoll set of links, polled from the asyncio loop.",
 };
 

@@ -274,10 +274,6 @@ class ServerConnection(p.FramedProtocol):
     def last_used(self) -> float:
         return self.link.last_used
 
-    @last_used.setter
-    def last_used(self, value: float) -> None:
-        self.link.last_used = value
-
     @property
     def created_at(self) -> float:
         return self.link.created_at

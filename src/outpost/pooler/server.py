@@ -272,11 +272,9 @@ class ClientSession(p.FramedProtocol):
     # --- called by the engine ---------------------------------------------------------------
 
     def _on_data(self, data: bytes) -> None:
-        """Bytes while no server connection is attached."""
-        if self.waiting_server:
-            self.link.hold(data)
-        else:
-            self._feed(data)
+        """Bytes while no server connection is attached (the engine itself holds the bytes of a
+        client waiting for one)."""
+        self._feed(data)
 
     def on_ready(self, server: ServerConnection) -> None:
         """ReadyForQuery(idle) with nothing outstanding (transaction mode)."""
