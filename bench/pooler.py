@@ -7,13 +7,19 @@ client auth from a verifier, trust to the server), on a throwaway database initi
 
 - ``select``: pgbench -S, 20 clients, transaction pooling
 - ``connect``: pgbench -S -C (a new client connection per transaction), 20 clients
+- ``connect-md5``: the same with md5 client auth (both poolers started again for it): with SCRAM,
+  pgbench's own PBKDF2 (4,096 rounds per connection) takes most of the machine and hides the
+  pooler's login cost; md5 costs the client almost nothing, so the pooler's own cost shows
 - ``1000-clients``: pgbench -S with 1,000 clients sharing the 20 server connections
 - ``idle-memory``: RSS of the pooler process before/after opening N idle client connections
 
-and prints TPS, average and p99 latency and the Outpost/pgbouncer ratio (a table, or JSON with
---json). Never part of the test run.
+and prints TPS, average and p99 latency, the pooler's CPU per transaction and the
+Outpost/pgbouncer ratio (a table, or JSON with --json). Each pgbench scenario runs ``--rounds``
+times, the targets taking turns (pgbouncer first in odd rounds, Outpost first in even ones); the
+table shows the medians and the lowest and highest of the per-round ratios, since a single
+10-second run on a small machine can be off by 20%. Never part of the test run.
 
-    .venv/bin/python bench/pooler.py [--duration 10] [--idle-clients 1000] [--json]
+    .venv/bin/python bench/pooler.py [--duration 10] [--rounds 3] [--idle-clients 1000] [--json]
 """
 
 from __future__ import annotations
@@ -40,6 +46,14 @@ from typing import Any
 import psycopg
 
 from outpost.pooler.passwords import scram_verifier
+
+
+def md5_hash(password: str, user: str) -> str:
+    """PostgreSQL's md5 password form (pgbouncer's auth_file accepts it)."""
+    import hashlib
+
+    return "md5" + hashlib.md5((password + user).encode(), usedforsecurity=False).hexdigest()
+
 
 PASSWORD = "bench-pw"
 USER = "bench"
@@ -94,10 +108,13 @@ def throwaway_db(host: str, port: int, user: str, scale: int) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def pgbouncer(tmp: Path, host: str, port: int, user: str, db: str) -> Iterator[Target]:
+def pgbouncer(
+    tmp: Path, host: str, port: int, user: str, db: str, auth: str = "scram-sha-256"
+) -> Iterator[Target]:
     listen = free_port()
     run_as = "postgres" if os.geteuid() == 0 else None
-    (tmp / "userlist.txt").write_text(f'"{USER}" "{scram_verifier(PASSWORD)}"\n')
+    secret = scram_verifier(PASSWORD) if auth == "scram-sha-256" else md5_hash(PASSWORD, USER)
+    (tmp / "userlist.txt").write_text(f'"{USER}" "{secret}"\n')
     (tmp / "pgbouncer.ini").write_text(
         f"""[databases]
 bench = host={host} port={port} dbname={db} user={user}
@@ -106,7 +123,7 @@ bench = host={host} port={port} dbname={db} user={user}
 listen_addr = 127.0.0.1
 listen_port = {listen}
 unix_socket_dir =
-auth_type = scram-sha-256
+auth_type = {auth}
 auth_file = {tmp}/userlist.txt
 pool_mode = transaction
 default_pool_size = 20
@@ -133,7 +150,9 @@ ignore_startup_parameters = extra_float_digits
 
 
 @contextlib.contextmanager
-def outpost(tmp: Path, host: str, port: int, user: str, db: str) -> Iterator[Target]:
+def outpost(
+    tmp: Path, host: str, port: int, user: str, db: str, auth: str = "scram-sha-256"
+) -> Iterator[Target]:
     listen = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "agent.json"
@@ -147,6 +166,7 @@ def outpost(tmp: Path, host: str, port: int, user: str, db: str) -> Iterator[Tar
             "max_idle": 20,
             "max_client_conn": 2000,
             "client_wait_timeout": 120,
+            "client_auth": auth,
             "workers": 1,
         },
     }
@@ -272,13 +292,54 @@ def _conninfo(target: Target) -> dict[str, Any]:
 SCENARIOS = {
     "select": ["-S", "-c", "20"],
     "connect": ["-S", "-C", "-c", "20"],
+    "connect-md5": ["-S", "-C", "-c", "20"],
     "1000-clients": ["-S", "-c", "1000"],
 }
+#: Scenarios run against poolers started with md5 client auth.
+MD5_SCENARIOS = ("connect-md5",)
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-key median of several pgbench results (errors win: one is enough to report)."""
+    for run in runs:
+        if "error" in run:
+            return run
+    out: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs if key in run]
+        out[key] = round(statistics.median(values), 3)
+    out["tps_runs"] = [run.get("tps", 0.0) for run in runs]
+    return out
+
+
+def run_scenario(
+    scenario: str, targets: list[Target], tmp: Path, duration: int, rounds: int
+) -> dict[str, Any]:
+    """Run SCENARIO ROUNDS times on each target, the poolers taking turns to go first."""
+    runs: dict[str, list[dict[str, Any]]] = {target.name: [] for target in targets}
+    for number in range(rounds):
+        order = targets if number % 2 == 0 else list(reversed(targets))
+        for target in order:
+            runs[target.name].append(pgbench(target, tmp, SCENARIOS[scenario], duration))
+    row: dict[str, Any] = {"scenario": scenario}
+    for name, results in runs.items():
+        row[name] = median_run(results)
+    ours, ref = runs.get("outpost"), runs.get("pgbouncer")
+    if ours and ref:
+        ratios = [
+            a["tps"] / b["tps"]
+            for a, b in zip(ours, ref, strict=True)
+            if a.get("tps") and b.get("tps")
+        ]
+        if ratios:
+            row["ratio_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=int, default=10, help="seconds per pgbench run")
+    parser.add_argument("--rounds", type=int, default=3, help="pgbench runs per target")
     parser.add_argument("--idle-clients", type=int, default=1000)
     parser.add_argument("--scale", type=int, default=1, help="pgbench -i scale")
     parser.add_argument("--host", default="127.0.0.1")
@@ -295,6 +356,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
     # idle memory first: RSS is a high-water mark, the 1,000-client run would hide it
     wanted = args.only or ["idle-memory", *SCENARIOS]
+    wanted.sort(key=lambda scenario: scenario in MD5_SCENARIOS)  # after the others
     results: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="outpost-bench-"))
     os.chmod(tmp, 0o755)  # noqa: S103 - pgbouncer runs as postgres and reads its config here
@@ -308,19 +370,33 @@ def main() -> None:
                 outpost(tmp / "outpost", args.host, args.port, args.user, db) as ours,
             ):
                 for scenario in wanted:
-                    row: dict[str, Any] = {"scenario": scenario}
+                    if scenario in MD5_SCENARIOS:
+                        continue
                     if scenario == "idle-memory":
+                        row: dict[str, Any] = {"scenario": scenario}
                         for target in (bouncer, ours):
                             row[target.name] = idle_memory(target, args.idle_clients)
-                    else:
-                        targets = [bouncer, ours]
-                        if scenario != "1000-clients":  # max_connections is 100
-                            targets.insert(0, direct)
-                        for target in targets:
-                            row[target.name] = pgbench(
-                                target, tmp, SCENARIOS[scenario], args.duration
-                            )
-                    results.append(row)
+                        results.append(row)
+                        continue
+                    targets = [bouncer, ours]
+                    if scenario != "1000-clients":  # max_connections is 100
+                        targets.insert(0, direct)
+                    results.append(run_scenario(scenario, targets, tmp, args.duration, args.rounds))
+            md5 = [scenario for scenario in wanted if scenario in MD5_SCENARIOS]
+            if md5:
+                (tmp / "pgbouncer-md5").mkdir()
+                with (
+                    pgbouncer(
+                        tmp / "pgbouncer-md5", args.host, args.port, args.user, db, "md5"
+                    ) as bouncer,
+                    outpost(
+                        tmp / "outpost-md5", args.host, args.port, args.user, db, "md5"
+                    ) as ours,
+                ):
+                    for scenario in md5:
+                        results.append(
+                            run_scenario(scenario, [bouncer, ours], tmp, args.duration, args.rounds)
+                        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
@@ -333,7 +409,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="pooler benchmark (pgbench; outpost workers=1)")
+    table = Table(
+        title="pooler benchmark (pgbench; outpost workers=1; medians, per-round ratio range)"
+    )
     columns = (
         "scenario",
         "target",
@@ -359,6 +437,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
                     ratio = f"{data['bytes_per_client'] / max(1, ref['bytes_per_client']):.2f}x"
                 elif ref.get("tps") and data.get("tps"):
                     ratio = f"{data['tps'] / ref['tps']:.2f}x"
+                    low, high = row.get("ratio_range", (None, None))
+                    if low is not None and low != high:
+                        ratio += f" ({low:.2f}-{high:.2f})"
             if "error" in data:
                 table.add_row(scenario, name, "error: " + data["error"], "", "", "", "", "")
             elif scenario == "idle-memory":
