@@ -181,3 +181,32 @@ def test_random_bytes_never_hurt_the_pooler(pooler: RunningPooler, junk: bytes) 
             pass
     with psycopg.connect(**pooler.conninfo(), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("client_auth", ["scram-sha-256", "plain"])
+def test_a_stalled_login_ends_with_a_reason(
+    tenant_db: TenantDb,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    client_auth: str,
+) -> None:
+    """A client that says nothing, or stops answering the password request, is told the login
+    took too long and disconnected (a SCRAM login runs without a task, a cleartext one in a
+    task: both are timed), while the pooler logs others in."""
+    from outpost.pooler import server
+
+    config = PoolerConfig(client_auth=client_auth, allow_cleartext_without_tls=True)  # type: ignore[arg-type]
+    with running_pooler(config, StaticRoutes(tenant_db.routes())) as pooler:
+        with psycopg.connect(**pooler.conninfo(options="-csearch_path=tenant_a")) as first:
+            first.execute("SELECT 1")  # the destination's settings are known from now on
+        monkeypatch.setattr(server, "LOGIN_TIMEOUT", 0.5)
+        with raw_connect(pooler.port) as silent, raw_connect(pooler.port) as halfway:
+            halfway.sendall(startup_bytes(user=USER, database="app"))
+            asked = read_messages_until(halfway, b"RE")
+            assert asked[-1][0] == b"R", asked  # asked for a password; never answers
+            for sock in (silent, halfway):
+                error = error_of(read_messages_until(sock, b"E"))
+                assert error["C"] == "08P01"
+                assert error["M"] == "the login took longer than 0.5s"
+                assert sock.recv(100) == b""
+            with psycopg.connect(**pooler.conninfo(options="-csearch_path=tenant_b")) as other:
+                assert other.execute("SELECT name FROM whoami").fetchone() == ("tenant_b",)

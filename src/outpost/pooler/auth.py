@@ -7,6 +7,7 @@ the server asks for (SCRAM-SHA-256, md5, cleartext, or nothing for trust).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -145,20 +146,25 @@ def choose_method(configured: ClientAuth, secret: ClientSecret) -> Method:
 async def check_cleartext(password: str, user: str, secret: ClientSecret) -> bool:
     """Check a cleartext password against whichever form the route keeps."""
     if secret.scram:
-        try:
-            salt, stored_key, _server_key, iterations = parse_scram_verifier(secret.scram)
-        except PasswordFormatError:
-            return False
-        _salt, stored, _server, _count = _SCRAM.make_auth_info(
-            password, iteration_count=iterations, salt=salt
-        )
-        return hmac.compare_digest(stored, stored_key)
+        # PBKDF2 with the verifier's iterations (4,096: milliseconds): off the event loop
+        return await asyncio.to_thread(_check_scram_cleartext, password, secret.scram)
     if secret.md5:
         digest = "md5" + hashlib.md5((password + user).encode(), usedforsecurity=False).hexdigest()
         return hmac.compare_digest(digest, secret.md5)
     if secret.scrypt:
         return await verify_scrypt_async(password, secret.scrypt)
     return False
+
+
+def _check_scram_cleartext(password: str, verifier: str) -> bool:
+    try:
+        salt, stored_key, _server_key, iterations = parse_scram_verifier(verifier)
+    except PasswordFormatError:
+        return False
+    _salt, stored, _server, _count = _SCRAM.make_auth_info(
+        password, iteration_count=iterations, salt=salt
+    )
+    return hmac.compare_digest(stored, stored_key)
 
 
 def _scram_keys(verifier: str) -> _ScramKeys:
@@ -190,12 +196,8 @@ async def authenticate_client(
     if method == "md5":
         salt = os.urandom(4)
         conn.transport.write(p.auth_request(p.AUTH_MD5, salt))
-        answer = await _password(conn, user)
-        assert secret.md5 is not None
-        inner = secret.md5[3:].encode() + salt
-        expected = "md5" + hashlib.md5(inner, usedforsecurity=False).hexdigest()
-        if not hmac.compare_digest(answer, expected):
-            raise AuthFailed(user)
+        kind, body = await conn.read_message(MAX_AUTH_MESSAGE)
+        check_md5(kind, body, user, secret, salt)
         return b""
     if not conn.tls and not allow_cleartext_without_tls:
         raise AuthRefused(
@@ -212,9 +214,24 @@ async def authenticate_client(
 
 async def _password(conn: p.FramedProtocol, user: str) -> str:
     kind, body = await conn.read_message(MAX_AUTH_MESSAGE)
+    return password_text(kind, body)
+
+
+def password_text(kind: int, body: bytes) -> str:
+    """The password in a PasswordMessage (KIND, BODY); ProtocolViolation for another message."""
     if kind != p.F_PASSWORD:
         raise p.ProtocolViolation(f"expected a password message, got message type {chr(kind)!r}")
     return body.rstrip(b"\0").decode(errors="replace")
+
+
+def check_md5(kind: int, body: bytes, user: str, secret: ClientSecret, salt: bytes) -> None:
+    """Check the client's answer (KIND, BODY) to an md5 request with SALT; raises AuthFailed."""
+    answer = password_text(kind, body)
+    assert secret.md5 is not None
+    inner = secret.md5[3:].encode() + salt
+    expected = "md5" + hashlib.md5(inner, usedforsecurity=False).hexdigest()
+    if not hmac.compare_digest(answer, expected):
+        raise AuthFailed(user)
 
 
 async def _scram_exchange(conn: p.FramedProtocol, user: str, secret: ClientSecret) -> bytes:

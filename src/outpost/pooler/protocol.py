@@ -488,27 +488,46 @@ class FramedProtocol(asyncio.Protocol):
         del self._buf[:n]
         return out
 
+    def take_startup(self) -> bytes | None:
+        """The next startup-phase packet without its length prefix when it is all here, else
+        None (nothing taken). Raises ProtocolViolation for a bad length."""
+        buf = self._buf
+        if len(buf) < 4:
+            return None
+        length = parse_startup_length(bytes(buf[:4]))
+        if len(buf) < length:
+            return None
+        data = bytes(buf[4:length])
+        del buf[:length]
+        return data
+
+    def take_message(self, max_length: int = MAX_MESSAGE_LENGTH) -> tuple[int, bytes] | None:
+        """The next message as (type, body) when it is all here, else None (nothing taken).
+        Raises ProtocolViolation for a length below 4 or above MAX_LENGTH."""
+        buf = self._buf
+        if len(buf) < 5:
+            return None
+        kind, length = HEADER.unpack_from(buf)
+        if length < 4 or length > max_length:
+            raise ProtocolViolation(
+                f"invalid message length {length} for message type {chr(kind)!r}"
+            )
+        if len(buf) < length + 1:
+            return None
+        body = bytes(buf[5 : length + 1])
+        del buf[: length + 1]
+        return kind, body
+
     async def read_startup(self) -> bytes:
         """A startup-phase packet without its length prefix (validated length)."""
-        while len(self._buf) < 4:
+        while (packet := self.take_startup()) is None:
             await self._more()
-        length = parse_startup_length(bytes(self._buf[:4]))
-        data = await self.read_exactly(length)
-        return data[4:]
+        return packet
 
     async def read_message(self, max_length: int = MAX_MESSAGE_LENGTH) -> tuple[int, bytes]:
-        while True:
-            if len(self._buf) >= 5:
-                kind, length = HEADER.unpack_from(self._buf)
-                if length < 4 or length > max_length:
-                    raise ProtocolViolation(
-                        f"invalid message length {length} for message type {chr(kind)!r}"
-                    )
-                if len(self._buf) >= length + 1:
-                    body = bytes(self._buf[5 : length + 1])
-                    del self._buf[: length + 1]
-                    return kind, body
+        while (message := self.take_message(max_length)) is None:
             await self._more()
+        return message
 
     def take_buffer(self) -> bytes:
         data = bytes(self._buf)

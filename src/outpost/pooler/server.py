@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 from outpost.pooler import protocol as p
 from outpost.pooler._engine import Engine, Link
-from outpost.pooler.auth import AuthFailed, AuthRefused, authenticate_client
+from outpost.pooler.auth import (
+    MAX_AUTH_MESSAGE,
+    AuthFailed,
+    AuthRefused,
+    ScramServer,
+    authenticate_client,
+    check_md5,
+    choose_method,
+)
 from outpost.pooler.links import hand_over
 from outpost.pooler.pool import (
     TRACKED,
@@ -38,7 +46,7 @@ from outpost.pooler.pool import (
     negotiate_server_tls,
 )
 from outpost.pooler.pool import share as _share
-from outpost.pooler.routes import WOULD_BLOCK, Destination, RouteError, RouteSource
+from outpost.pooler.routes import WOULD_BLOCK, Destination, Route, RouteError, RouteSource
 
 if TYPE_CHECKING:
     from outpost.config import LoadedConfig, PoolerConfig
@@ -105,8 +113,30 @@ def _normalize(name: str, value: str) -> str:
     return value
 
 
+class _FastLogin:
+    """Where a login without a task stands: the route found and the password exchange begun
+    (SCRAM, or md5 with its salt)."""
+
+    __slots__ = ("params", "route", "salt", "scram", "stage")
+
+    def __init__(
+        self, route: Route, params: dict[str, str], scram: ScramServer | None, salt: bytes
+    ) -> None:
+        self.route = route
+        self.params = params
+        self.scram = scram
+        self.salt = salt
+        self.stage = 0  # SCRAM: 0 before client-first, 1 before client-final
+
+
 class ClientSession(p.FramedProtocol):
-    """One client connection to the pooler."""
+    """One client connection to the pooler.
+
+    A login runs without a task while nothing needs waiting for (plain TCP, a route at hand, a
+    known destination, SCRAM or md5): ``data_received`` moves it on message by message
+    (``_login_fast``). Anything else (TLS, a cancel request, the console, a route to query, a
+    first login to a destination, cleartext passwords) continues in a task (``_login``).
+    """
 
     __slots__ = (
         "_task",
@@ -114,6 +144,7 @@ class ClientSession(p.FramedProtocol):
         "application_name",
         "connect_time",
         "database",
+        "fast",
         "gone",
         "key",
         "link",
@@ -157,6 +188,7 @@ class ClientSession(p.FramedProtocol):
         self.request_at = _monotonic()  # when it last got a server connection
         self._task: asyncio.Task[None] | None = None  # opening or preparing a server connection
         self.login_task: asyncio.Task[None] | None = None
+        self.fast: _FastLogin | None = None
         self.gone = False
         self.local: tuple[str, int] = ("", 0)
 
@@ -235,12 +267,13 @@ class ClientSession(p.FramedProtocol):
         if isinstance(local, tuple) and len(local) >= 2:
             self.local = _share((str(local[0]), int(local[1])))
         self.srv.add_client(self)
-        self.login_task = asyncio.get_running_loop().create_task(self._login())
+        self.srv.logging_in[self] = _monotonic() + LOGIN_TIMEOUT  # see PoolerServer._maintain
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.gone = True
         self.srv.remove_client(self)
+        self.fast = None
         self.waiting = False  # leave the pool's queue; a task opening a connection finishes
         if self.login_task is not None and not self.ready:
             self.login_task.cancel()
@@ -266,6 +299,8 @@ class ClientSession(p.FramedProtocol):
     def data_received(self, data: bytes) -> None:  # from asyncio: logging in, or TLS
         if not self.ready:
             self.buffer_data(data)
+            if self.login_task is None:
+                self._login_fast()
             return
         self.link.feed(data)
 
@@ -366,39 +401,121 @@ class ClientSession(p.FramedProtocol):
 
     # --- login ------------------------------------------------------------------------------
 
-    async def _login(self) -> None:
+    def _login_fast(self) -> None:
+        """Move the login on with what has arrived; hand it to a task (``_login``) when it
+        needs to wait for something other than the client."""
         try:
-            async with asyncio.timeout(LOGIN_TIMEOUT):
-                await self._startup()
+            while not self.gone:
+                fast = self.fast
+                if fast is None:
+                    packet = self.take_startup()
+                    if packet is None:
+                        return
+                    msg = p.parse_startup(packet)
+                    if isinstance(msg, p.GSSENCRequest) or (
+                        isinstance(msg, p.SSLRequest) and self.srv.tls_context is None
+                    ):
+                        self.transport.write(b"N")
+                        continue
+                    if not (isinstance(msg, p.StartupMessage) and self._start_fast(msg)):
+                        self.login_task = asyncio.get_running_loop().create_task(self._login(msg))
+                        return
+                    continue
+                message = self.take_message(MAX_AUTH_MESSAGE)
+                if message is None:
+                    return
+                kind, body = message
+                scram = fast.scram
+                if scram is None:
+                    check_md5(kind, body, self.user, fast.route.secret, fast.salt)
+                    auth_final = b""
+                elif fast.stage == 0:
+                    self.transport.write(scram.client_first(kind, body))
+                    fast.stage = 1
+                    continue
+                else:
+                    auth_final = scram.client_final(kind, body)
+                self.fast = None
+                pool = self.srv.pool_for(fast.route.destination)
+                assert pool.defaults is not None  # (checked by _start_fast; kept once known)
+                self._logged_in(fast.route, pool, fast.params, auth_final, pool.defaults)
+                return
+        except Exception as exc:  # every failure ends the login with a reason
+            self.fast = None
+            self._login_failed(exc)
+
+    def _start_fast(self, msg: p.StartupMessage) -> bool:
+        """Begin the password exchange when nothing needs waiting for; False when a task must
+        take the login on from MSG."""
+        srv = self.srv
+        params = self._accept(msg)
+        if self.database in ADMIN_DATABASES:
+            return False
+        found = srv.routes.lookup_nowait(self.database, self.schema)
+        if found is WOULD_BLOCK:
+            return False
+        route = self._route(found)
+        if srv.pool_for(route.destination).defaults is None:
+            return False  # the first login to a destination learns its settings
+        method = choose_method(srv.config.client_auth, route.secret)
+        if method == "scram-sha-256":
+            assert route.secret.scram is not None
+            scram = ScramServer(self.user, route.secret.scram)
+            self.fast = _FastLogin(route, params, scram, b"")
+            self.transport.write(scram.request)
+        elif method == "md5":
+            salt = os.urandom(4)
+            self.fast = _FastLogin(route, params, None, salt)
+            self.transport.write(p.auth_request(p.AUTH_MD5, salt))
+        else:
+            return False  # cleartext: TLS checks, and a scrypt hash is checked in a thread
+        return True
+
+    async def _login(self, first: p.Startup | None = None) -> None:
+        try:
+            await self._startup(first)
             if self.admin:  # a console session: as long as the admin likes
                 from outpost.pooler.admin import AdminSession
 
                 await AdminSession(self.srv, self).run()
-        except p.ProtocolViolation as exc:
-            self.fatal(p.PROTOCOL_VIOLATION, str(exc))
-        except (AuthFailed, AuthRefused) as exc:
-            log.info("login refused for %s from %s: %s", self.user, self.peer[0], exc)
-            self.fatal(exc.sqlstate, str(exc))
-        except PoolError as exc:
-            self.fatal(exc.sqlstate, str(exc))
-        except RouteError as exc:
-            self.fatal(p.CANNOT_CONNECT, f"the route source failed: {exc}")
-        except TimeoutError:
-            self.fatal(p.PROTOCOL_VIOLATION, f"the login took longer than {LOGIN_TIMEOUT:g}s")
-        except (p.ConnectionClosed, ConnectionError, ssl.SSLError):
-            if not self.gone:
-                self.transport.close()
         except asyncio.CancelledError:
             if not self.gone:
                 self.transport.close()
-        except Exception:
-            log.exception("login of a client from %s failed", self.peer[0])
+        except Exception as exc:  # every failure ends the login with a reason
+            self._login_failed(exc)
+
+    def _login_failed(self, exc: Exception) -> None:
+        """Tell the client why its login (or console session) ended, in one sentence."""
+        if isinstance(exc, p.ProtocolViolation):
+            self.fatal(p.PROTOCOL_VIOLATION, str(exc))
+        elif isinstance(exc, AuthFailed | AuthRefused):
+            log.info("login refused for %s from %s: %s", self.user, self.peer[0], exc)
+            self.fatal(exc.sqlstate, str(exc))
+        elif isinstance(exc, PoolError):
+            self.fatal(exc.sqlstate, str(exc))
+        elif isinstance(exc, RouteError):
+            self.fatal(p.CANNOT_CONNECT, f"the route source failed: {exc}")
+        elif isinstance(exc, p.ConnectionClosed | ConnectionError | ssl.SSLError):
+            if not self.gone:
+                self.transport.close()
+        else:
+            log.error("login of a client from %s failed", self.peer[0], exc_info=exc)
             self.fatal(p.INTERNAL_ERROR, "the pooler failed to log the client in; see its log")
 
-    async def _startup(self) -> None:
+    def login_timed_out(self) -> None:
+        """Called by the server when the login has taken longer than LOGIN_TIMEOUT."""
+        self.srv.logging_in.pop(self, None)
+        if self.login_task is not None:
+            self.login_task.cancel()
+        self.fatal(p.PROTOCOL_VIOLATION, f"the login took longer than {LOGIN_TIMEOUT:g}s")
+
+    async def _startup(self, first: p.Startup | None) -> None:
         srv = self.srv
         while True:
-            msg = p.parse_startup(await self.read_startup())
+            if first is not None:
+                msg, first = first, None
+            else:
+                msg = p.parse_startup(await self.read_startup())
             if isinstance(msg, p.SSLRequest):
                 if self.tls:
                     raise p.ProtocolViolation("SSLRequest received on a TLS connection")
@@ -412,11 +529,38 @@ class ClientSession(p.FramedProtocol):
                 self.transport.write(b"N")
                 continue
             if isinstance(msg, p.CancelRequest):
+                srv.logging_in.pop(self, None)
                 # shielded: the client may hang up before the server got the cancel
                 await asyncio.shield(srv.spawn(srv.cancel(msg.pid, msg.key)))
                 self.transport.close()
                 return
             break
+        params = self._accept(msg)
+        if self.database in ADMIN_DATABASES:
+            await self._admin_login()
+            return
+        found = srv.routes.lookup_nowait(self.database, self.schema)  # no coroutine when at hand
+        if found is WOULD_BLOCK:
+            found = await srv.routes.lookup(self.database, self.schema)
+        route = self._route(found)
+        auth_final = await self._password_exchange(route)
+        pool = srv.pool_for(route.destination)
+        defaults = await srv.server_defaults(pool, _intern(p.quote_ident(self.schema)))
+        self._logged_in(route, pool, params, auth_final, defaults)
+
+    async def _password_exchange(self, route: Route) -> bytes:
+        config = self.srv.config
+        return await authenticate_client(
+            self,
+            self.user,
+            route.secret,
+            config.client_auth,
+            allow_cleartext_without_tls=config.allow_cleartext_without_tls,
+        )
+
+    def _accept(self, msg: p.StartupMessage) -> dict[str, str]:
+        """Take the user, database, schema and application name from a StartupMessage."""
+        srv = self.srv
         params = msg.params
         self.user = _intern(params["user"])
         self.database = _intern(params.get("database") or self.user)
@@ -426,32 +570,32 @@ class ClientSession(p.FramedProtocol):
                 f"no more connections allowed (max_client_conn {srv.config.max_client_conn})",
                 p.TOO_MANY_CONNECTIONS,
             )
-        if self.database in ADMIN_DATABASES:
-            await self._admin_login()
-            return
-        schema = p.schema_from_params(params) or "public"
-        self.schema = _intern(schema)
-        found = srv.routes.lookup_nowait(self.database, schema)  # no coroutine when at hand
-        route = await srv.routes.lookup(self.database, schema) if found is WOULD_BLOCK else found
-        if route is None:
+        self.schema = _intern(p.schema_from_params(params) or "public")
+        return params
+
+    def _route(self, found: Route | None) -> Route:
+        if found is None:
             raise PoolError(
-                f'no route for database "{self.database}" and schema "{schema}"; add one with '
-                "`outpost pooler routes add` (or a perseus_auth row)",
+                f'no route for database "{self.database}" and schema "{self.schema}"; add one '
+                "with `outpost pooler routes add` (or a perseus_auth row)",
                 p.INVALID_CATALOG,
             )
-        auth_final = await authenticate_client(
-            self,
-            self.user,
-            route.secret,
-            srv.config.client_auth,
-            allow_cleartext_without_tls=srv.config.allow_cleartext_without_tls,
-        )
+        return found
+
+    def _logged_in(
+        self,
+        route: Route,
+        pool: Pool,
+        params: dict[str, str],
+        auth_final: bytes,
+        defaults: dict[str, str],
+    ) -> None:
+        """The password matched: greet the client and give its socket to the engine."""
         if route.user != self.user:
             raise AuthFailed(self.user)
-        pool = srv.pool_for(route.destination)
+        srv = self.srv
         self.pool = pool
-        self.search_path = _intern(p.quote_ident(schema))
-        defaults = await srv.server_defaults(pool, self.search_path)
+        self.search_path = _intern(p.quote_ident(self.schema))
         want = {k: defaults.get(k) for k in TRACKED}
         for name in TRACKED:
             if name in params:
@@ -479,7 +623,7 @@ class ClientSession(p.FramedProtocol):
         )
         self.ready = True
         self.login_task = None
-        assert pool is not None
+        srv.logging_in.pop(self, None)
         self.link.core = pool.core
         self.transport = hand_over(self.link, self.transport, srv.engine, tls=self.tls)  # type: ignore[assignment]
         leftover = self.take_buffer()
@@ -500,19 +644,14 @@ class ClientSession(p.FramedProtocol):
             route = None
         auth_final = b""
         if route is not None:
-            auth_final = await authenticate_client(
-                self,
-                self.user,
-                route.secret,
-                srv.config.client_auth,
-                allow_cleartext_without_tls=srv.config.allow_cleartext_without_tls,
-            )
+            auth_final = await self._password_exchange(route)
         elif self.peer[0] not in ("127.0.0.1", "::1", "unix"):
             raise AuthRefused(
                 f'the pooler console accepts "{self.user}" without a password only from '
                 "loopback; add a route for database outpost to give it a password"
             )
         self.admin = True
+        srv.logging_in.pop(self, None)  # the console session may last
         self.pid, self.key = srv.new_backend_key(self)
         out = [auth_final, p.AUTH_OK_MESSAGE]
         for name, value in (
@@ -840,6 +979,8 @@ class PoolerServer:
         self.reload_config = reload_config
         self.pools: dict[tuple[str, int, str, str], Pool] = {}
         self.clients: set[ClientSession] = set()
+        #: clients logging in, oldest first, with the monotonic time their login must end by
+        self.logging_in: dict[ClientSession, float] = {}
         self.by_pid: dict[int, ClientSession] = {}
         self._next_pid = 0
         self._statement_ids: dict[bytes, bytes] = {}
@@ -933,6 +1074,7 @@ class PoolerServer:
             now = time.monotonic()
             for pool in list(self.pools.values()):
                 pool.expire(now)
+            self._expire_logins(now)
             tick += 1
             if tick % 5:
                 continue
@@ -943,6 +1085,17 @@ class PoolerServer:
                 )
                 for _ in range(max(0, missing)):
                     self.spawn(self._open_idle(pool))
+
+    def _expire_logins(self, now: float) -> None:
+        """End the logins that took longer than LOGIN_TIMEOUT (one deadline check per client
+        still logging in, instead of a timer each)."""
+        late = []
+        for client, deadline in self.logging_in.items():
+            if deadline > now:
+                break
+            late.append(client)
+        for client in late:
+            client.login_timed_out()
 
     async def _open_idle(self, pool: Pool) -> None:
         pool.reserve()
@@ -964,6 +1117,7 @@ class PoolerServer:
 
     def remove_client(self, client: ClientSession) -> None:
         self.clients.discard(client)
+        self.logging_in.pop(client, None)
         if client.pid:
             self.by_pid.pop(client.pid, None)
 
@@ -1050,7 +1204,7 @@ class PoolerServer:
                     pool.settings = settings
                 try:
                     self.tls_context = self._make_tls_context(new)
-                except Exception as exc:
+                except Exception as exc:  # every failure ends the login with a reason
                     log.error("reload: %s; keeping the previous TLS certificate", exc)
         try:
             await self.routes.reload()
