@@ -314,6 +314,27 @@ def test_session_only_features_get_a_clear_error(pooler: RunningPooler) -> None:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+@pytest.mark.parametrize("prepare", [False, True], ids=["simple", "extended"])
+def test_the_words_inside_literals_and_comments_are_no_session_feature(
+    pooler: RunningPooler, prepare: bool
+) -> None:
+    """LISTEN, advisory locks and WITH HOLD are refused as statements, not as text in a string,
+    a quoted identifier or a comment."""
+    with psycopg.connect(**pooler.conninfo(), autocommit=True) as conn:
+        for sql, expected in (
+            ("SELECT 'declare c cursor with hold'", "declare c cursor with hold"),
+            ("SELECT 1 AS \"with hold\"", 1),
+            ("SELECT $$pg_advisory_lock(1)$$", "pg_advisory_lock(1)"),
+            ("SELECT 'a; listen x'", "a; listen x"),
+            ("/* ; listen x */ SELECT 2", 2),
+            ("SELECT 3 -- ; listen x", 3),
+        ):
+            assert conn.execute(sql.encode(), prepare=prepare).fetchone() == (expected,), sql
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="LISTEN cannot be used"):
+            conn.execute("SELECT 'a'; LISTEN jobs", prepare=prepare)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 def test_notices_and_parameter_status_pass_through(pooler: RunningPooler) -> None:
     notices: list[str] = []
     with psycopg.connect(**pooler.conninfo(), autocommit=True) as conn:

@@ -47,6 +47,7 @@ from outpost.pooler.pool import (
 )
 from outpost.pooler.pool import share as _share
 from outpost.pooler.routes import WOULD_BLOCK, Destination, Route, RouteError, RouteSource
+from outpost.pooler.sqltext import blank_literals
 
 if TYPE_CHECKING:
     from outpost.config import LoadedConfig, PoolerConfig
@@ -96,14 +97,17 @@ def _screen(sql: bytes) -> tuple[bool, re.Match[bytes] | None]:
     """Whether SQL may touch search_path (TOUCHES_SEARCH_PATH), and its SESSION_ONLY match.
 
     Substring searches in the lowered text first: most statements contain none of the words,
-    and the regular expressions (case-insensitive, unanchored) cost several times more.
+    and the regular expressions (case-insensitive, unanchored) cost several times more. A
+    SESSION_ONLY match counts only outside literals and comments (``blank_literals``).
     """
     find = sql.lower().find  # (find, not ``in``: bytes ``in`` tries an int first, and fails)
     touches = (find(b"search_path") >= 0 or find(b"reset") >= 0 or find(b"discard") >= 0) and (
         TOUCHES_SEARCH_PATH.search(sql) is not None
     )
-    if find(b"listen") >= 0 or find(b"advisory") >= 0 or find(b"hold") >= 0:
-        return touches, SESSION_ONLY.search(sql)
+    if (find(b"listen") >= 0 or find(b"advisory") >= 0 or find(b"hold") >= 0) and (
+        SESSION_ONLY.search(sql) is not None
+    ):
+        return touches, SESSION_ONLY.search(blank_literals(sql))
     return touches, None
 
 
@@ -360,7 +364,7 @@ class ClientSession(p.FramedProtocol):
             if touches:
                 conn.forget_search_path()
             if match is not None:
-                match = SESSION_ONLY.search(body[body.index(b"\0") + 1 :])
+                match = SESSION_ONLY.search(blank_literals(body[body.index(b"\0") + 1 :]))
             if match is not None:
                 self._refuse(match, conn, in_query=False)
                 return b""
