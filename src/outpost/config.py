@@ -186,7 +186,36 @@ class PoolerConfig(Section):
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_ca_file: str | None = None
+    client_tls_sslmode: (
+        Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None
+    ) = Field(
+        None,
+        description="TLS from clients (pgbouncer's values); default prefer with tls_cert_file, "
+        "else disable",
+    )
     workers: int = Field(1, ge=1, le=64)
+
+    @property
+    def client_sslmode(self) -> str:
+        """client_tls_sslmode, or its default: prefer when a certificate is set, else disable."""
+        if self.client_tls_sslmode is not None:
+            return self.client_tls_sslmode
+        return "prefer" if self.tls_cert_file else "disable"
+
+    @model_validator(mode="after")
+    def _tls_files_for_the_mode(self) -> PoolerConfig:
+        mode = self.client_sslmode
+        if mode != "disable" and not self.tls_cert_file:
+            raise ValueError(
+                f"client_tls_sslmode {mode} needs tls_cert_file (and tls_key_file unless the "
+                "key is in that file)"
+            )
+        if mode in ("verify-ca", "verify-full") and not self.tls_ca_file:
+            raise ValueError(
+                f"client_tls_sslmode {mode} needs tls_ca_file (the CA that signs client "
+                "certificates)"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

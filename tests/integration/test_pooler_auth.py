@@ -4,6 +4,8 @@ a server restarted mid-query."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +43,18 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
     for extra in cert.cert_chain_pems[1:]:
         extra.write_to_path(str(paths["cert"]), append=True)
+    # client certificates: the route's user, another user, and the route's user from another CA
+    for name, issuer, common_name in (
+        ("client", ca, USER),
+        ("other", ca, "someone-else"),
+        ("stranger", trustme.CA(), USER),
+    ):
+        leaf = issuer.issue_cert("client.example", common_name=common_name)
+        leaf.cert_chain_pems[0].write_to_path(str(base / f"{name}.pem"))
+        leaf.private_key_pem.write_to_path(str(base / f"{name}.key"))
+        (base / f"{name}.key").chmod(0o600)  # libpq refuses a key others can read
+        paths[f"{name}_cert"] = base / f"{name}.pem"
+        paths[f"{name}_key"] = base / f"{name}.key"
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -97,6 +111,128 @@ def test_tls_to_clients_with_scram(tenant_db: TenantDb, certs: dict[str, str]) -
             assert conn.execute("SELECT name FROM whoami").fetchone() == ("tenant_b",)
         with psycopg.connect(**_conninfo(pooler.port)) as conn:  # TLS is offered, not forced
             assert not conn.pgconn.ssl_in_use
+
+
+def _tls_config(certs: dict[str, str], mode: str) -> PoolerConfig:
+    return PoolerConfig(
+        tls_cert_file=certs["cert"],
+        tls_key_file=certs["key"],
+        tls_ca_file=certs["ca"],
+        client_tls_sslmode=mode,
+    )
+
+
+def test_client_tls_sslmode_require_refuses_plain_connections(
+    tenant_db: TenantDb,  # noqa: F811
+    certs: dict[str, str],
+) -> None:
+    with running_pooler(_tls_config(certs, "require"), StaticRoutes(tenant_db.routes())) as pooler:
+        with pytest.raises(psycopg.OperationalError) as caught:
+            psycopg.connect(**_conninfo(pooler.port))  # sslmode=disable
+        assert (
+            "the pooler accepts only TLS connections (pooler.client_tls_sslmode require); "
+            "connect with sslmode=require or stricter"
+        ) in str(caught.value)
+        with psycopg.connect(**_conninfo(pooler.port, sslmode="require")) as conn:
+            assert conn.pgconn.ssl_in_use  # no client certificate needed
+            assert conn.execute("SELECT name FROM whoami").fetchone() == ("public",)
+            conn.commit()
+            # cancel requests: libpq's new API sends them in TLS; its old PQcancel in plain text
+            # (sent here by hand: PQcancel holds the GIL, and this pooler runs in a thread)
+            assert pooler.server is not None
+            key = pooler.server.by_pid[conn.info.backend_pid].key
+
+            def plain_cancel() -> None:
+                with socket.create_connection(("127.0.0.1", pooler.port), timeout=10) as sock:
+                    sock.sendall(struct.pack("!iiii", 16, 80877102, conn.info.backend_pid, key))
+                    assert sock.recv(1) == b""  # answered by closing, as PostgreSQL does
+
+            for cancel in (conn.cancel_safe, plain_cancel):
+                _cancel_a_slow_query(conn, cancel)
+
+
+def _cancel_a_slow_query(conn: psycopg.Connection[Any], cancel: Any) -> None:
+    outcome: list[str] = []
+
+    def slow() -> None:
+        try:
+            conn.execute("SELECT pg_sleep(30)")
+            outcome.append("finished")
+        except psycopg.errors.QueryCanceled:
+            outcome.append("canceled")
+        conn.rollback()
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    try:
+        wait_for(lambda: conn.info.transaction_status == 1, what="the slow query to start")
+        deadline = 0
+        while not outcome and deadline < 100:  # a cancel that lands before the query is lost
+            cancel()
+            thread.join(0.3)
+            deadline += 1
+    finally:
+        thread.join(30)
+    assert outcome == ["canceled"]
+
+
+def test_client_tls_sslmode_verify_ca_needs_a_certificate_from_the_ca(
+    tenant_db: TenantDb,  # noqa: F811
+    certs: dict[str, str],
+) -> None:
+    routes = StaticRoutes(tenant_db.routes())
+    with running_pooler(_tls_config(certs, "verify-ca"), routes) as pooler:
+        info = _conninfo(pooler.port, sslmode="verify-full", sslrootcert=certs["ca"])
+        with pytest.raises(psycopg.OperationalError):  # the handshake fails: no certificate
+            psycopg.connect(**info)
+        with pytest.raises(psycopg.OperationalError):  # signed by another CA
+            psycopg.connect(**info, sslcert=certs["stranger_cert"], sslkey=certs["stranger_key"])
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            # the certificate does not replace the password
+            psycopg.connect(**{**info, "password": "nope"}, sslcert=certs["client_cert"],
+                            sslkey=certs["client_key"])  # fmt: skip
+        # verify-ca does not compare the certificate's name with the user
+        with psycopg.connect(**info, sslcert=certs["other_cert"], sslkey=certs["other_key"]) as c:
+            assert c.execute("SELECT name FROM whoami").fetchone() == ("public",)
+
+
+def test_client_tls_sslmode_verify_full_wants_the_user_as_common_name(
+    tenant_db: TenantDb,  # noqa: F811
+    certs: dict[str, str],
+) -> None:
+    routes = StaticRoutes(tenant_db.routes())
+    with running_pooler(_tls_config(certs, "verify-full"), routes) as pooler:
+        info = _conninfo(pooler.port, sslmode="verify-full", sslrootcert=certs["ca"])
+        with pytest.raises(psycopg.OperationalError) as caught:
+            psycopg.connect(**info, sslcert=certs["other_cert"], sslkey=certs["other_key"])
+        assert (
+            f'the client certificate\'s common name (someone-else) is not the user "{USER}" '
+            "(pooler.client_tls_sslmode verify-full)"
+        ) in str(caught.value)
+        with psycopg.connect(
+            **info, sslcert=certs["client_cert"], sslkey=certs["client_key"],
+            options="-csearch_path=tenant_b",
+        ) as conn:  # fmt: skip
+            assert conn.pgconn.ssl_in_use
+            assert conn.execute("SELECT name FROM whoami").fetchone() == ("tenant_b",)
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"client_tls_sslmode": "require"}, "client_tls_sslmode require needs tls_cert_file"),
+        (
+            {"client_tls_sslmode": "verify-ca", "tls_cert_file": "/c.pem"},
+            "client_tls_sslmode verify-ca needs tls_ca_file",
+        ),
+        ({"client_tls_sslmode": "sometimes"}, "client_tls_sslmode"),
+    ],
+)
+def test_client_tls_sslmode_settings_are_checked(settings: dict[str, str], expected: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=expected):
+        PoolerConfig(**settings)
 
 
 def test_bad_certificate_file_is_a_clear_error(tmp_path: Path) -> None:

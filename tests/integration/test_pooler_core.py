@@ -323,7 +323,7 @@ def test_the_words_inside_literals_and_comments_are_no_session_feature(
     with psycopg.connect(**pooler.conninfo(), autocommit=True) as conn:
         for sql, expected in (
             ("SELECT 'declare c cursor with hold'", "declare c cursor with hold"),
-            ("SELECT 1 AS \"with hold\"", 1),
+            ('SELECT 1 AS "with hold"', 1),
             ("SELECT $$pg_advisory_lock(1)$$", "pg_advisory_lock(1)"),
             ("SELECT 'a; listen x'", "a; listen x"),
             ("/* ; listen x */ SELECT 2", 2),

@@ -194,7 +194,7 @@ def test_a_stalled_login_ends_with_a_reason(
     task: both are timed), while the pooler logs others in."""
     from outpost.pooler import server
 
-    config = PoolerConfig(client_auth=client_auth, allow_cleartext_without_tls=True)  # type: ignore[arg-type]
+    config = PoolerConfig(client_auth=client_auth, allow_cleartext_without_tls=True)
     with running_pooler(config, StaticRoutes(tenant_db.routes())) as pooler:
         with psycopg.connect(**pooler.conninfo(options="-csearch_path=tenant_a")) as first:
             first.execute("SELECT 1")  # the destination's settings are known from now on

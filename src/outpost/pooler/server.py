@@ -569,6 +569,8 @@ class ClientSession(p.FramedProtocol):
         self.user = _intern(params["user"])
         self.database = _intern(params.get("database") or self.user)
         self.application_name = _intern(params.get("application_name", ""))
+        if srv.tls_required:
+            self._check_client_tls()
         if srv.client_count > srv.config.max_client_conn:
             raise PoolError(
                 f"no more connections allowed (max_client_conn {srv.config.max_client_conn})",
@@ -576,6 +578,30 @@ class ClientSession(p.FramedProtocol):
             )
         self.schema = _intern(p.schema_from_params(params) or "public")
         return params
+
+    def _check_client_tls(self) -> None:
+        """client_tls_sslmode require, verify-ca or verify-full: TLS, and for verify-full a
+        certificate whose common name is the user (as PostgreSQL's clientcert=verify-full)."""
+        mode = self.srv.config.client_sslmode
+        if not self.tls:
+            raise AuthRefused(
+                f"the pooler accepts only TLS connections (pooler.client_tls_sslmode {mode}); "
+                "connect with sslmode=require or stricter"
+            )
+        if mode == "verify-full":
+            cert = self.transport.get_extra_info("peercert") or {}
+            names = [
+                value
+                for rdn in cert.get("subject", ())
+                for key, value in rdn
+                if key == "commonName"
+            ]
+            if names != [self.user]:
+                shown = ", ".join(names) or "none"
+                raise AuthRefused(
+                    f"the client certificate's common name ({shown}) is not the user "
+                    f'"{self.user}" (pooler.client_tls_sslmode verify-full)'
+                )
 
     def _route(self, found: Route | None) -> Route:
         if found is None:
@@ -991,6 +1017,8 @@ class PoolerServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self.tls_context = self._make_tls_context(config)
+        #: client_tls_sslmode require or stricter: clients without TLS are refused
+        self.tls_required = config.client_sslmode in ("require", "verify-ca", "verify-full")
         self.started_at = time.time()
         self.sockets: list[socket.socket] = []
         self.paused = False
@@ -1002,14 +1030,17 @@ class PoolerServer:
 
     @staticmethod
     def _make_tls_context(config: PoolerConfig) -> ssl.SSLContext | None:
-        if not config.tls_cert_file:
+        mode = config.client_sslmode
+        if mode == "disable" or not config.tls_cert_file:
             return None
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
             ctx.load_cert_chain(config.tls_cert_file, config.tls_key_file)
             if config.tls_ca_file:
                 ctx.load_verify_locations(cafile=config.tls_ca_file)
-                ctx.verify_mode = ssl.CERT_OPTIONAL
+                # verify-ca/-full: a client without a certificate fails the handshake
+                required = mode in ("verify-ca", "verify-full")
+                ctx.verify_mode = ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL
         except (OSError, ssl.SSLError) as exc:
             from outpost.errors import ConfigError
 
@@ -1208,8 +1239,9 @@ class PoolerServer:
                     pool.settings = settings
                 try:
                     self.tls_context = self._make_tls_context(new)
-                except Exception as exc:  # every failure ends the login with a reason
+                except Exception as exc:
                     log.error("reload: %s; keeping the previous TLS certificate", exc)
+                self.tls_required = new.client_sslmode in ("require", "verify-ca", "verify-full")
         try:
             await self.routes.reload()
         except RouteError as exc:
