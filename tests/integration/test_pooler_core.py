@@ -349,6 +349,34 @@ def test_notices_and_parameter_status_pass_through(pooler: RunningPooler) -> Non
         assert conn.info.parameter_status("server_version")
 
 
+def test_application_name_follows_the_client_to_its_server_connection(
+    tenant_db: TenantDb,  # noqa: F811
+) -> None:
+    """Clients sharing one server connection each show their own application_name, in
+    current_setting and in pg_stat_activity, whoever used the connection before."""
+    config = PoolerConfig(pool_size=1)
+    with (
+        running_pooler(config, StaticRoutes(tenant_db.routes())) as pooler,
+        psycopg.connect(**pooler.conninfo(application_name="billing"), autocommit=True) as a,
+        psycopg.connect(**pooler.conninfo(application_name="reports"), autocommit=True) as b,
+        psycopg.connect(**pooler.conninfo(), autocommit=True) as anonymous,
+    ):
+        query = (
+            "SELECT current_setting('application_name'), application_name "
+            "FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        )
+        pids = set()
+        for _ in range(3):
+            for conn, name in ((a, "billing"), (b, "reports"), (anonymous, "")):
+                assert conn.execute(query).fetchone() == (name, name)
+                assert conn.info.parameter_status("application_name") == name
+                pids.add(conn.execute("SELECT pg_backend_pid()").fetchone())
+        assert len(pids) == 1  # one server connection served all three
+        a.execute("SET application_name TO 'billing-2'")  # the client's own change sticks
+        b.execute("SELECT 1")
+        assert a.execute(query).fetchone() == ("billing-2", "billing-2")
+
+
 def _pgbench(pooler: RunningPooler, *args: str) -> str:
     proc = subprocess.run(
         ["pgbench", "-h", "127.0.0.1", "-p", str(pooler.port), "-U", USER, *args, "app"],

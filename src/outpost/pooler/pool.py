@@ -35,12 +35,15 @@ log = logging.getLogger("outpost.pooler")
 
 #: Settings the pooler keeps equal between a client and the server connection it uses
 #: (pgbouncer's "varcache"); ``search_path`` is handled the same way, from the route's schema.
+#: application_name too, so that pg_stat_activity and the server's log name the client
+#: running each transaction (clients that share one get no extra SET).
 TRACKED = (
     "client_encoding",
     "DateStyle",
     "TimeZone",
     "IntervalStyle",
     "standard_conforming_strings",
+    "application_name",
 )
 #: Server-side prepared statements kept per connection before the oldest is closed.
 MAX_PREPARED_PER_SERVER = 1000
