@@ -19,7 +19,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -29,6 +29,7 @@ from outpost.api.app import AgentState, create_app
 from outpost.api.service import AgentService
 from outpost.config import AgentConfig, LoadedConfig, load_config, split_host_port
 from outpost.errors import BackupError, ConfigError, OutpostError
+from outpost.httpserve import EmbeddedServer
 from outpost.jobs.executor import Executor
 from outpost.jobs.ledger import JobLedger
 from outpost.link.errors import TokenRejected
@@ -42,14 +43,6 @@ log = logging.getLogger("outpost.agent")
 
 TOKEN_FILE = "api.token"  # noqa: S105 - a file name
 API_FILE = "agent.api.json"
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the runtime owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 def bind_sockets(addresses: list[str]) -> list[socket.socket]:
@@ -183,7 +176,7 @@ class AgentRuntime:
         service.mark_started()
         state = AgentState(service, token, cfg.query.workers)
         app = create_app(state)
-        server = _Server(
+        server = EmbeddedServer(
             uvicorn.Config(
                 app,
                 log_config=None,

@@ -7,12 +7,10 @@ next HQ), held long-polls return, the database is closed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
 import ssl
-from collections.abc import Generator
 
 import uvicorn
 
@@ -22,16 +20,9 @@ from outpost.hq.app import create_app
 from outpost.hq.core import HQCore, safe_url
 from outpost.hq.dispatch import CLOSE_GOING_AWAY
 from outpost.hq.settings import HQSettings
+from outpost.httpserve import EmbeddedServer
 
 log = logging.getLogger("outpost.hq")
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the runtime owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -96,7 +87,7 @@ async def serve(settings: HQSettings) -> int:
     except BaseException:
         core.close()
         raise
-    server = _Server(config)
+    server = EmbeddedServer(config)
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
