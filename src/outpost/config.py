@@ -194,6 +194,11 @@ class PoolerConfig(Section):
         "else disable",
     )
     workers: int = Field(1, ge=1, le=64)
+    metrics_listen: HostPort | None = Field(
+        None,
+        description="HOST:PORT for /metrics, /healthz and /readyz of `outpost pooler serve` "
+        "(inside `outpost serve`, the agent's API has them)",
+    )
 
     @property
     def client_sslmode(self) -> str:

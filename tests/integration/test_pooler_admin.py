@@ -265,6 +265,85 @@ def test_two_workers_share_the_port_and_cancel_across_workers(agent_with_route: 
         _stop(proc)
 
 
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def _transactions(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
+    return sum(v for (name, _), v in samples.items() if name == "outpost_pooler_transactions_total")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pooler_serve_metrics_listen(agent_with_route: Agent, workers: int) -> None:
+    """`outpost pooler serve` shows /metrics, /healthz and /readyz on pooler.metrics_listen; with
+    several workers, one scrape covers them all, labelled by worker."""
+    from outpost import __version__
+
+    agent = agent_with_route
+    metrics_port = free_port()
+    agent.config["pooler"]["metrics_listen"] = f"127.0.0.1:{metrics_port}"
+    agent.write_config()
+    proc, port = _serve(agent, "--workers", str(workers))
+    clients: list[psycopg.Connection[tuple[Any, ...]]] = []
+    try:
+        assert httpx.get(f"http://127.0.0.1:{metrics_port}/healthz", timeout=10).text == "ok\n"
+        assert httpx.get(f"http://127.0.0.1:{metrics_port}/readyz", timeout=10).status_code == 200
+        before = _transactions(_scrape(metrics_port))
+        seen: set[int] = set()
+        while len(clients) < 40 and (len(seen) < workers or len(clients) < 4):
+            conn = psycopg.connect(**_conninfo(port, "tenant_a"))
+            clients.append(conn)
+            seen.add(conn.info.backend_pid >> 24)
+        for conn in clients:
+            conn.execute("SELECT 1")
+        samples = _scrape(metrics_port)
+        assert samples[("outpost_build_info", (("version", __version__),))] == 1
+        assert _transactions(samples) - before >= len(clients)
+        if workers == 1:
+            assert not any(dict(labels).get("worker") for _, labels in samples)
+        else:
+            assert len(seen) == 2  # the clients reached both workers
+            for worker in ("0", "1"):
+                assert samples[("outpost_pooler_worker_up", (("worker", worker),))] == 1
+                assert any(
+                    name == "outpost_pooler_transactions_total" and ("worker", worker) in labels
+                    for name, labels in samples
+                )
+    finally:
+        for conn in clients:
+            conn.close()
+        _stop(proc)
+
+
+def test_pooler_serve_metrics_listen_taken(agent_with_route: Agent) -> None:
+    import socket
+
+    agent = agent_with_route
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        metrics_port = taken.getsockname()[1]
+        agent.config["pooler"]["metrics_listen"] = f"127.0.0.1:{metrics_port}"
+        agent.write_config()
+        result = agent.run("pooler", "serve", "--listen", f"127.0.0.1:{free_port()}")
+    assert result.code == 1, result.err
+    assert (
+        f"Cannot listen on 127.0.0.1:{metrics_port} (pooler.metrics_listen): Address already in "
+        "use; stop the other process or change pooler.metrics_listen."
+    ) in result.err
+    assert "Traceback" not in result.err
+
+
 def test_outpost_serve_runs_the_pooler_of_its_config(agent_with_route: Agent) -> None:
     agent = agent_with_route
     port = free_port()

@@ -1347,12 +1347,14 @@ async def serve_pooler(
     runtime_dir: Path | None = None,
     on_started: Callable[[PoolerServer], None] | None = None,
     overrides: dict[str, object] | None = None,
+    serve_metrics: bool = False,
 ) -> None:
     """Run the pooler until STOP is set; RELOAD (when given) re-reads settings and routes.
 
     Inside ``outpost serve``: ``await serve_pooler(loaded, open_route_source(loaded, key=key),
     stop=stop_event, reload=pooler_reload_event, config_arg=config_arg)``. OVERRIDES (settings
-    given on the command line) are kept over the file's values on reload.
+    given on the command line) are kept over the file's values on reload. SERVE_METRICS
+    (`outpost pooler serve`): the pooler.metrics_listen endpoint, when configured.
     """
     from outpost.config import load_config
     from outpost.errors import ConfigError
@@ -1386,6 +1388,28 @@ async def serve_pooler(
         reload_config=reread,
     )
     await srv.start(sockets)
+    metrics = None
+    if config.metrics_listen is not None:
+        if serve_metrics:
+            from outpost.pooler.metrics_http import MetricsEndpoint
+
+            metrics = MetricsEndpoint(
+                srv,
+                config.metrics_listen,
+                worker_id=worker_id,
+                workers=workers,
+                runtime_dir=runtime_dir,
+            )
+            try:
+                await metrics.start()
+            except BaseException:
+                await srv.close()
+                raise
+        else:
+            log.warning(
+                "pooler.metrics_listen is for `outpost pooler serve`; the agent's /metrics "
+                "carries the pooler's metrics"
+            )
     addresses = ", ".join(_address(s) for s in sockets)
     log.info(
         "pooler listening on %s (worker %d, pid %d, %s mode)",
@@ -1412,6 +1436,8 @@ async def serve_pooler(
     finally:
         if reloader is not None:
             reloader.cancel()
+        if metrics is not None:
+            await metrics.close()
         await srv.close()
         with contextlib.suppress(Exception):
             await route_source.close()

@@ -83,6 +83,7 @@ async def _worker_main(
             workers=workers,
             runtime_dir=runtime_dir,
             overrides=overrides,
+            serve_metrics=True,
         )
     finally:
         for sock in sockets:
