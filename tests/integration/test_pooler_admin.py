@@ -79,6 +79,9 @@ def test_console_shows_pools_clients_servers_stats_routes(pooler: RunningPooler)
             columns, rows = _show(console, "SHOW CLIENTS")
             assert columns[:4] == ["type", "user", "database", "state"]
             assert ("C", USER, "app/tenant_a") in {row[:3] for row in rows}
+            addr, port = columns.index("local_addr"), columns.index("local_port")
+            # the pooler's end of each (the listener's address: no getsockname per client)
+            assert {(row[addr], row[port]) for row in rows} == {("127.0.0.1", str(pooler.port))}
             columns, rows = _show(console, "SHOW SERVERS")
             assert {row[3] for row in rows} == {"active"}
             assert all(row[15] and int(row[15]) > 0 for row in rows)  # remote_pid

@@ -104,8 +104,26 @@ def _server_nonce() -> str:
     return _nonces.pop()
 
 
+#: Four random bytes at a time (md5 salts, cancel keys), cut from one getrandom call of 1 KiB.
+_RANDOM_BATCH = 256
+_random4: list[bytes] = []
+
+
+def random4() -> bytes:
+    """Four bytes from the OS's CSPRNG (batched; forgotten in a forked child, like nonces)."""
+    if not _random4:
+        raw = os.urandom(4 * _RANDOM_BATCH)
+        _random4.extend(raw[i : i + 4] for i in range(0, len(raw), 4))
+    return _random4.pop()
+
+
+def _forget_randomness() -> None:
+    _nonces.clear()
+    _random4.clear()
+
+
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
-    os.register_at_fork(after_in_child=_nonces.clear)
+    os.register_at_fork(after_in_child=_forget_randomness)
 
 
 class AuthFailed(Exception):
@@ -194,7 +212,7 @@ async def authenticate_client(
     if method == "scram-sha-256":
         return await _scram_exchange(conn, user, secret)
     if method == "md5":
-        salt = os.urandom(4)
+        salt = random4()
         conn.transport.write(p.auth_request(p.AUTH_MD5, salt))
         kind, body = await conn.read_message(MAX_AUTH_MESSAGE)
         check_md5(kind, body, user, secret, salt)

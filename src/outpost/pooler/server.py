@@ -22,6 +22,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from outpost.pooler.auth import (
     authenticate_client,
     check_md5,
     choose_method,
+    random4,
 )
 from outpost.pooler.links import hand_over
 from outpost.pooler.pool import (
@@ -166,7 +168,7 @@ class ClientSession(p.FramedProtocol):
         "want",
     )
 
-    def __init__(self, srv: PoolerServer) -> None:
+    def __init__(self, srv: PoolerServer, local: tuple[str, int] = ("", 0)) -> None:
         super().__init__()
         self.srv = srv
         self.ready = False
@@ -194,7 +196,8 @@ class ClientSession(p.FramedProtocol):
         self.login_task: asyncio.Task[None] | None = None
         self.fast: _FastLogin | None = None
         self.gone = False
-        self.local: tuple[str, int] = ("", 0)
+        #: the pooler's address of this connection: the listener's, when it has a specific one
+        self.local = local
 
     # --- kept by the engine ----------------------------------------------------------------
 
@@ -267,9 +270,10 @@ class ClientSession(p.FramedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        local = transport.get_extra_info("sockname")
-        if isinstance(local, tuple) and len(local) >= 2:
-            self.local = _share((str(local[0]), int(local[1])))
+        if not self.local[0]:  # a wildcard listener (or a unix socket): ask
+            local = transport.get_extra_info("sockname")
+            if isinstance(local, tuple) and len(local) >= 2:
+                self.local = _share((str(local[0]), int(local[1])))
         self.srv.add_client(self)
         self.srv.logging_in[self] = _monotonic() + LOGIN_TIMEOUT  # see PoolerServer._maintain
 
@@ -468,7 +472,7 @@ class ClientSession(p.FramedProtocol):
             self.fast = _FastLogin(route, params, scram, b"")
             self.transport.write(scram.request)
         elif method == "md5":
-            salt = os.urandom(4)
+            salt = random4()
             self.fast = _FastLogin(route, params, None, salt)
             self.transport.write(p.auth_request(p.AUTH_MD5, salt))
         else:
@@ -1059,7 +1063,8 @@ class PoolerServer:
         loop.add_reader(engine.fileno(), engine.poll)
         self.sockets = sockets
         for sock in sockets:
-            server = await loop.create_server(lambda: ClientSession(self), sock=sock)
+            local = _listener_address(sock)
+            server = await loop.create_server(partial(ClientSession, self, local), sock=sock)
             self._servers.append(server)
         if self.runtime_dir is not None and self.workers > 1:
             path = cancel_socket_path(self.runtime_dir, self.worker_id)
@@ -1163,7 +1168,7 @@ class PoolerServer:
             pid = ((self.worker_id + 1) << 24) | self._next_pid
             if pid not in self.by_pid and self._next_pid:
                 break
-        key = secrets.randbits(31)
+        key = int.from_bytes(random4(), "big") & 0x7FFFFFFF
         self.by_pid[pid] = client
         return pid, key
 
@@ -1444,6 +1449,15 @@ async def serve_pooler(
         if own_sockets:
             for sock in sockets:
                 sock.close()
+
+
+def _listener_address(sock: socket.socket) -> tuple[str, int]:
+    """A listening socket's address when every connection to it has that address; ("", 0)
+    for a wildcard (0.0.0.0, ::) or unix listener, whose connections' addresses vary."""
+    address = sock.getsockname()
+    if not isinstance(address, tuple) or address[0] in ("0.0.0.0", "::"):  # noqa: S104
+        return ("", 0)
+    return _share((str(address[0]), int(address[1])))
 
 
 def _address(sock: socket.socket) -> str:
