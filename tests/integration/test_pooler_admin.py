@@ -223,6 +223,44 @@ def test_serve_with_store_routes_and_sighup_reload(agent_with_route: Agent) -> N
         _stop(proc)
 
 
+def test_tls_turned_on_by_sighup_serves_new_connections(
+    agent_with_route: Agent, tmp_path: Path
+) -> None:
+    """Without TLS the engine accepts connections itself; a reload that adds a certificate
+    moves the listener back to asyncio, so that new clients can start TLS."""
+    import trustme
+
+    agent = agent_with_route
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "pooler.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    proc, port = _serve(agent)
+    try:
+        tls = {**_conninfo(port, "tenant_a"), "sslmode": "verify-full"}
+        tls["sslrootcert"] = str(tmp_path / "ca.pem")
+        with pytest.raises(psycopg.OperationalError, match="server does not support SSL"):
+            psycopg.connect(**tls)
+        with psycopg.connect(**_conninfo(port, "tenant_a")) as before:  # stays connected
+            agent.config["pooler"]["tls_cert_file"] = str(tmp_path / "pooler.pem")
+            agent.write_config()
+            proc.send_signal(signal.SIGHUP)
+
+            def tls_works() -> bool:
+                try:
+                    with psycopg.connect(**tls) as conn:
+                        return bool(conn.pgconn.ssl_in_use)
+                except psycopg.OperationalError:
+                    return False
+
+            wait_for(tls_works, what="TLS after SIGHUP")
+            assert before.execute("SELECT name FROM whoami").fetchone() == ("tenant_a",)
+        with psycopg.connect(**_conninfo(port, "tenant_b")) as plain:  # prefer: still offered
+            assert plain.execute("SELECT name FROM whoami").fetchone() == ("tenant_b",)
+    finally:
+        _stop(proc)
+
+
 def test_two_workers_share_the_port_and_cancel_across_workers(agent_with_route: Agent) -> None:
     proc, port = _serve(agent_with_route, "--workers", "2")
     clients: list[psycopg.Connection[tuple[Any, ...]]] = []

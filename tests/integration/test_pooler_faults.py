@@ -210,3 +210,35 @@ def test_a_stalled_login_ends_with_a_reason(
                 assert sock.recv(100) == b""
             with psycopg.connect(**pooler.conninfo(options="-csearch_path=tenant_b")) as other:
                 assert other.execute("SELECT name FROM whoami").fetchone() == ("tenant_b",)
+
+
+def test_running_out_of_file_descriptors_pauses_accepting_and_recovers(
+    tenant_db: TenantDb,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """accept() failing (EMFILE: the process is out of file descriptors) is logged in one
+    sentence; the pooler tries again a second later and the waiting client is served."""
+    import errno
+    import logging
+
+    from outpost.pooler import server
+    from outpost.pooler._engine import accept_socket as real
+
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    def accept_socket(fd: int, want_local: bool) -> tuple[int, str, int, str, int] | None:
+        if failures:
+            raise failures.pop()
+        return real(fd, want_local)
+
+    monkeypatch.setattr(server, "accept_socket", accept_socket)
+    caplog.set_level(logging.ERROR, logger="outpost.pooler")
+    with running_pooler(PoolerConfig(), StaticRoutes(tenant_db.routes())) as pooler:
+        with psycopg.connect(**pooler.conninfo(options="-csearch_path=tenant_b")) as conn:
+            assert conn.execute("SELECT name FROM whoami").fetchone() == ("tenant_b",)
+        assert not failures
+        assert (
+            f"cannot accept connections on 127.0.0.1:{pooler.port}: Too many open files; "
+            "trying again in 1s"
+        ) in caplog.messages

@@ -47,6 +47,9 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -1766,9 +1769,65 @@ static PyObject *py_mentions_keyword(PyObject *Py_UNUSED(module), PyObject *arg)
     return PyBool_FromLong(r);
 }
 
+static int format_address(struct sockaddr_storage *addr, char *host, size_t size, int *port) {
+    if (addr->ss_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)addr;
+        inet_ntop(AF_INET, &a->sin_addr, host, size);
+        *port = ntohs(a->sin_port);
+        return 0;
+    }
+    if (addr->ss_family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)addr;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, size);
+        *port = ntohs(a->sin6_port);
+        return 0;
+    }
+    return -1;
+}
+
+/* accept_socket(listen_fd, want_local): the next connection on a non-blocking TCP listener as
+ * (fd, peer host, peer port, local host, local port), the socket non-blocking and with
+ * TCP_NODELAY (the local address only when asked: a wildcard listener), or None when there is
+ * none. */
+static PyObject *py_accept_socket(PyObject *Py_UNUSED(module), PyObject *args) {
+    int lfd, want_local;
+    if (!PyArg_ParseTuple(args, "ip", &lfd, &want_local))
+        return NULL;
+    struct sockaddr_storage addr;
+    int fd;
+    for (;;) {
+        socklen_t alen = sizeof(addr);
+        fd = accept4(lfd, (struct sockaddr *)&addr, &alen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0)
+            break;
+        if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO)
+            continue; /* that one is gone: the next */
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    char host[INET6_ADDRSTRLEN] = "", local[INET6_ADDRSTRLEN] = "";
+    int port = 0, local_port = 0;
+    format_address(&addr, host, sizeof(host), &port);
+    if (want_local) {
+        socklen_t alen = sizeof(addr);
+        if (getsockname(fd, (struct sockaddr *)&addr, &alen) == 0)
+            format_address(&addr, local, sizeof(local), &local_port);
+    }
+    PyObject *r = Py_BuildValue("(isisi)", fd, host, port, local, local_port);
+    if (r == NULL)
+        close(fd);
+    return r;
+}
+
 static PyMethodDef module_methods[] = {
     {"mentions_keyword", py_mentions_keyword, METH_O,
      "Whether SQL mentions a word that sends it to Python (the engine's pre-screen)."},
+    {"accept_socket", py_accept_socket, METH_VARARGS,
+     "The next connection on a non-blocking TCP listener: (fd, host, port, local host, local "
+     "port), or None."},
     {NULL},
 };
 

@@ -6,6 +6,7 @@ from typing import Any
 HIGH_WATER: int
 
 def mentions_keyword(sql: bytes | bytearray | memoryview, /) -> bool: ...
+def accept_socket(listen_fd: int, want_local: bool, /) -> tuple[int, str, int, str, int] | None: ...
 
 class PoolCore:
     received: int

@@ -15,7 +15,8 @@ import os
 from outpost.pooler._engine import Engine, Link
 
 log = logging.getLogger("outpost.pooler")
-_NO_EXTRA: dict[str, object] = {}
+#: what a Link in raw mode answers to get_extra_info: nothing kept (idle memory)
+NO_EXTRA: dict[str, object] = {}
 
 
 class _Detached(asyncio.Protocol):
@@ -35,7 +36,7 @@ def hand_over(
             fd = os.dup(sock.fileno())
             try:
                 # no extra info kept: the protocol already has its addresses (idle memory)
-                link.adopt(engine, fd, _NO_EXTRA)
+                link.adopt(engine, fd, NO_EXTRA)
             except (OSError, RuntimeError) as exc:
                 os.close(fd)
                 log.debug("the engine could not take the socket (%s); keeping asyncio's", exc)

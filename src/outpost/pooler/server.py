@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from outpost.pooler import protocol as p
-from outpost.pooler._engine import Engine, Link
+from outpost.pooler._engine import Engine, Link, accept_socket
 from outpost.pooler.auth import (
     MAX_AUTH_MESSAGE,
     AuthFailed,
@@ -38,7 +38,7 @@ from outpost.pooler.auth import (
     choose_method,
     random4,
 )
-from outpost.pooler.links import hand_over
+from outpost.pooler.links import NO_EXTRA, hand_over
 from outpost.pooler.pool import (
     TRACKED,
     Pool,
@@ -274,6 +274,24 @@ class ClientSession(p.FramedProtocol):
             local = transport.get_extra_info("sockname")
             if isinstance(local, tuple) and len(local) >= 2:
                 self.local = _share((str(local[0]), int(local[1])))
+        self._arrived()
+
+    def accepted(self, fd: int, peer: tuple[str, int]) -> None:
+        """A connection the server accepted itself: its socket goes to the engine at once, and
+        the login reads from there (no asyncio transport, none to hand over afterwards)."""
+        engine = self.srv.engine
+        try:
+            if engine is None:  # closing
+                raise RuntimeError("the engine is closed")
+            self.link.adopt(engine, fd, NO_EXTRA)
+        except (OSError, RuntimeError):
+            os.close(fd)
+            return
+        self.transport = self.link  # type: ignore[assignment]
+        self.peer = peer
+        self._arrived()
+
+    def _arrived(self) -> None:
         self.srv.add_client(self)
         self.srv.logging_in[self] = _monotonic() + LOGIN_TIMEOUT  # see PoolerServer._maintain
 
@@ -315,9 +333,12 @@ class ClientSession(p.FramedProtocol):
     # --- called by the engine ---------------------------------------------------------------
 
     def _on_data(self, data: bytes) -> None:
-        """Bytes while no server connection is attached (the engine itself holds the bytes of a
-        client waiting for one)."""
-        self._feed(data)
+        """Bytes while logging in (a connection the engine accepted), or while no server
+        connection is attached (the engine itself holds the bytes of a client waiting for one)."""
+        if self.ready:
+            self._feed(data)
+        else:
+            self.data_received(data)
 
     def on_ready(self, server: ServerConnection) -> None:
         """ReadyForQuery(idle) with nothing outstanding (transaction mode)."""
@@ -527,7 +548,9 @@ class ClientSession(p.FramedProtocol):
             if isinstance(msg, p.SSLRequest):
                 if self.tls:
                     raise p.ProtocolViolation("SSLRequest received on a TLS connection")
-                if srv.tls_context is None:
+                # (a connection accepted by the engine has no asyncio transport to start TLS
+                # on: one that came before TLS was turned on by a reload)
+                if srv.tls_context is None or self.transport is self.link:  # type: ignore[comparison-overlap]
                     self.transport.write(b"N")
                 else:
                     self.transport.write(b"S")
@@ -659,7 +682,8 @@ class ClientSession(p.FramedProtocol):
         self.login_task = None
         srv.logging_in.pop(self, None)
         self.link.core = pool.core
-        self.transport = hand_over(self.link, self.transport, srv.engine, tls=self.tls)  # type: ignore[assignment]
+        if self.transport is not self.link:  # type: ignore[comparison-overlap]
+            self.transport = hand_over(self.link, self.transport, srv.engine, tls=self.tls)  # type: ignore[assignment]
         leftover = self.take_buffer()
         if leftover:
             self.link.feed(leftover)
@@ -1020,6 +1044,9 @@ class PoolerServer:
         self._statement_ids: dict[bytes, bytes] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.AbstractServer] = []
+        #: listeners whose connections the engine accepts (plain TCP while TLS is off):
+        #: socket -> the address its connections have ("" for a wildcard listener)
+        self._accepting: dict[socket.socket, tuple[str, int]] = {}
         self.tls_context = self._make_tls_context(config)
         #: client_tls_sslmode require or stricter: clients without TLS are refused
         self.tls_required = config.client_sslmode in ("require", "verify-ca", "verify-full")
@@ -1063,9 +1090,7 @@ class PoolerServer:
         loop.add_reader(engine.fileno(), engine.poll)
         self.sockets = sockets
         for sock in sockets:
-            local = _listener_address(sock)
-            server = await loop.create_server(partial(ClientSession, self, local), sock=sock)
-            self._servers.append(server)
+            await self._listen(sock)
         if self.runtime_dir is not None and self.workers > 1:
             path = cancel_socket_path(self.runtime_dir, self.worker_id)
             with contextlib.suppress(FileNotFoundError):
@@ -1078,7 +1103,57 @@ class PoolerServer:
         # while thousands of clients come and go.
         gc.freeze()
 
+    async def _listen(self, sock: socket.socket) -> None:
+        """Serve SOCK: accepted by the engine (plain TCP, no TLS configured: the fast way), or
+        by asyncio (TLS may start on the connection)."""
+        local = _listener_address(sock)
+        if self.tls_context is None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setblocking(False)
+            self._accepting[sock] = local
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+            return
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(partial(ClientSession, self, local), sock=sock)
+        self._servers.append(server)
+
+    def _accept(self, sock: socket.socket) -> None:
+        local = self._accepting.get(sock)
+        if local is None:
+            return
+        fileno = sock.fileno()
+        for _ in range(64):  # then let the loop do other work; it calls again while any wait
+            try:
+                accepted = accept_socket(fileno, not local[0])
+            except OSError as exc:  # out of file descriptors, say: pause, as asyncio does
+                log.error(
+                    "cannot accept connections on %s: %s; trying again in 1s",
+                    _address(sock),
+                    exc.strerror or exc,
+                )
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(fileno)
+                loop.call_later(1.0, self._resume_accepting, sock)
+                return
+            if accepted is None:
+                return
+            fd, host, port, local_host, local_port = accepted
+            at = local if local[0] else _share((local_host, local_port))
+            ClientSession(self, at).accepted(fd, (_intern(host), port))
+
+    def _resume_accepting(self, sock: socket.socket) -> None:
+        if sock in self._accepting and self.engine is not None:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+
+    def _stop_accepting(self) -> list[socket.socket]:
+        loop = asyncio.get_running_loop()
+        socks = list(self._accepting)
+        for sock in socks:
+            loop.remove_reader(sock.fileno())
+        self._accepting.clear()
+        return socks
+
     async def close(self) -> None:
+        self._stop_accepting()
         for server in self._servers:
             server.close()
         for client in list(self.clients):
@@ -1246,6 +1321,10 @@ class PoolerServer:
                     self.tls_context = self._make_tls_context(new)
                 except Exception as exc:
                     log.error("reload: %s; keeping the previous TLS certificate", exc)
+                if self.tls_context is not None and self._accepting:
+                    # TLS turned on: new connections go through asyncio, which can start it
+                    for sock in self._stop_accepting():
+                        await self._listen(sock)
                 self.tls_required = new.client_sslmode in ("require", "verify-ca", "verify-full")
         try:
             await self.routes.reload()
