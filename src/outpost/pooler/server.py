@@ -477,7 +477,7 @@ class ClientSession(p.FramedProtocol):
         """Begin the password exchange when nothing needs waiting for; False when a task must
         take the login on from MSG."""
         srv = self.srv
-        params = self._accept(msg)
+        params = self._take_params(msg)
         if self.database in ADMIN_DATABASES:
             return False
         found = srv.routes.lookup_nowait(self.database, self.schema)
@@ -566,7 +566,7 @@ class ClientSession(p.FramedProtocol):
                 self.transport.close()
                 return
             break
-        params = self._accept(msg)
+        params = self._take_params(msg)
         if self.database in ADMIN_DATABASES:
             await self._admin_login()
             return
@@ -589,7 +589,7 @@ class ClientSession(p.FramedProtocol):
             allow_cleartext_without_tls=config.allow_cleartext_without_tls,
         )
 
-    def _accept(self, msg: p.StartupMessage) -> dict[str, str]:
+    def _take_params(self, msg: p.StartupMessage) -> dict[str, str]:
         """Take the user, database, schema and application name from a StartupMessage."""
         srv = self.srv
         params = msg.params
