@@ -109,7 +109,16 @@ class HQ:
             env=hq_env(),
         )
         proc = self.proc
-        wait_for(lambda: self.ready() or proc.poll() is not None, 60, "HQ to be ready")
+        # ready, and past logging where it listens (that line comes just after uvicorn starts
+        # answering: waiting for readiness alone let a test read the log too early)
+        wait_for(
+            lambda: (
+                (self.ready() and "Outpost HQ listening on" in self.log())
+                or proc.poll() is not None
+            ),
+            60,
+            "HQ to be ready",
+        )
         assert proc.poll() is None, f"HQ exited {proc.returncode}: {self.log()}"
 
     def stop(self) -> None:
