@@ -19,7 +19,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from outpost.pooler._engine import HIGH_WATER, Engine, Link, PoolCore, mentions_keyword
+from outpost.pooler._engine import (
+    HIGH_WATER,
+    Engine,
+    Link,
+    PoolCore,
+    accept_socket,
+    mentions_keyword,
+)
 
 
 def msg(kind: bytes, body: bytes = b"") -> bytes:
@@ -420,3 +427,48 @@ def test_a_statement_left_uncertain_is_closed_and_prepared_again_unseen(rig: Rig
     db.sendall(msg(b"3") + msg(b"1") + complete)
     assert recv_exactly(app, len(complete), rig) == complete
     assert conn.link.pending_answers == 0
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_accept_socket_hands_over_a_ready_to_use_connection(family: int) -> None:
+    """accept_socket: None while nobody waits; then the connection's fd (non-blocking, with
+    TCP_NODELAY, close-on-exec), the peer's address, and the local one only when asked."""
+    import fcntl
+
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    try:
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.bind((host, 0))
+    except OSError as exc:
+        pytest.skip(f"no {host} here: {exc}")
+    with listener:
+        listener.listen(8)
+        listener.setblocking(False)
+        assert accept_socket(listener.fileno(), True) is None
+        port = listener.getsockname()[1]
+        clients = [socket.create_connection((host, port)) for _ in range(2)]
+        try:
+            wanted = [True, False]
+            got: list[tuple[int, str, int, str, int]] = []
+            deadline = time.monotonic() + 5
+            while len(got) < 2 and time.monotonic() < deadline:
+                accepted = accept_socket(listener.fileno(), wanted[len(got)])
+                if accepted is not None:
+                    got.append(accepted)
+            assert len(got) == 2
+            peers = {c.getsockname()[:2] for c in clients}
+            for (fd, peer_host, peer_port, local_host, local_port), want in zip(
+                got, wanted, strict=True
+            ):
+                with socket.socket(fileno=fd) as conn:
+                    assert (peer_host, peer_port) in peers
+                    assert os.get_blocking(fd) is False
+                    assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+                    assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+                    assert (local_host, local_port) == ((host, port) if want else ("", 0))
+            assert accept_socket(listener.fileno(), False) is None
+        finally:
+            for client in clients:
+                client.close()
+    with pytest.raises(OSError):
+        accept_socket(listener.fileno(), False)  # closed: EBADF, as an OSError
