@@ -166,11 +166,11 @@ def _cancel_a_slow_query(conn: psycopg.Connection[Any], cancel: Any) -> None:
     thread.start()
     try:
         wait_for(lambda: conn.info.transaction_status == 1, what="the slow query to start")
-        deadline = 0
-        while not outcome and deadline < 100:  # a cancel that lands before the query is lost
+        attempts = 0
+        while not outcome and attempts < 100:  # a cancel that lands before the query is lost
             cancel()
             thread.join(0.3)
-            deadline += 1
+            attempts += 1
     finally:
         thread.join(30)
     assert outcome == ["canceled"]

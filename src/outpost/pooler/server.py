@@ -120,15 +120,21 @@ def _normalize(name: str, value: str) -> str:
 
 
 class _FastLogin:
-    """Where a login without a task stands: the route found and the password exchange begun
-    (SCRAM, or md5 with its salt)."""
+    """Where a login without a task stands: the route and its pool (whose server settings are
+    known), and the password exchange begun (SCRAM, or md5 with its salt)."""
 
-    __slots__ = ("params", "route", "salt", "scram", "stage")
+    __slots__ = ("params", "pool", "route", "salt", "scram", "stage")
 
     def __init__(
-        self, route: Route, params: dict[str, str], scram: ScramServer | None, salt: bytes
+        self,
+        route: Route,
+        pool: Pool,
+        params: dict[str, str],
+        scram: ScramServer | None,
+        salt: bytes,
     ) -> None:
         self.route = route
+        self.pool = pool
         self.params = params
         self.scram = scram
         self.salt = salt
@@ -465,7 +471,7 @@ class ClientSession(p.FramedProtocol):
                 else:
                     auth_final = scram.client_final(kind, body)
                 self.fast = None
-                pool = self.srv.pool_for(fast.route.destination)
+                pool = fast.pool
                 assert pool.defaults is not None  # (checked by _start_fast; kept once known)
                 self._logged_in(fast.route, pool, fast.params, auth_final, pool.defaults)
                 return
@@ -484,17 +490,18 @@ class ClientSession(p.FramedProtocol):
         if found is WOULD_BLOCK:
             return False
         route = self._route(found)
-        if srv.pool_for(route.destination).defaults is None:
+        pool = srv.pool_for(route.destination)
+        if pool.defaults is None:
             return False  # the first login to a destination learns its settings
         method = choose_method(srv.config.client_auth, route.secret)
         if method == "scram-sha-256":
             assert route.secret.scram is not None
             scram = ScramServer(self.user, route.secret.scram)
-            self.fast = _FastLogin(route, params, scram, b"")
+            self.fast = _FastLogin(route, pool, params, scram, b"")
             self.transport.write(scram.request)
         elif method == "md5":
             salt = random4()
-            self.fast = _FastLogin(route, params, None, salt)
+            self.fast = _FastLogin(route, pool, params, None, salt)
             self.transport.write(p.auth_request(p.AUTH_MD5, salt))
         else:
             return False  # cleartext: TLS checks, and a scrypt hash is checked in a thread
