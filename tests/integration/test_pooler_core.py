@@ -377,6 +377,25 @@ def test_application_name_follows_the_client_to_its_server_connection(
         assert a.execute(query).fetchone() == ("billing-2", "billing-2")
 
 
+def test_logins_with_the_same_startup_packet_each_get_their_own_greeting(
+    pooler: RunningPooler,
+) -> None:
+    """The pooler works out a startup packet's greeting once: clients sending the same packet
+    still each get their own backend key, and one differing only in a tracked setting gets
+    that setting, in ParameterStatus and on the server."""
+    keys = set()
+    for encoding in ("UTF8", "LATIN1", "UTF8", "LATIN1"):
+        for _ in range(2):
+            with psycopg.connect(
+                **pooler.conninfo(), client_encoding=encoding, autocommit=True
+            ) as conn:
+                assert conn.info.parameter_status("client_encoding") == encoding
+                assert conn.execute("SHOW client_encoding").fetchone() == (encoding,)
+                assert conn.info.parameter_status("server_version")
+                keys.add(conn.info.backend_pid)
+    assert len(keys) == 8
+
+
 def _pgbench(pooler: RunningPooler, *args: str) -> str:
     proc = subprocess.run(
         ["pgbench", "-h", "127.0.0.1", "-p", str(pooler.port), "-U", USER, *args, "app"],

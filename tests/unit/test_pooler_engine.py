@@ -322,6 +322,25 @@ def test_bytes_without_a_server_go_to_python(rig: Rig) -> None:
     assert b"".join(owner.data) == query("select 1")
 
 
+def test_read_now_takes_what_has_arrived_without_a_poll(rig: Rig) -> None:
+    """read_now (a connection just accepted): bytes already in the socket reach Python at
+    once; nothing waiting reads nothing and blocks nothing; a peer gone is a lost connection."""
+    owner, client, app = rig.client()
+    client.read_now()
+    assert owner.data == [] and owner.lost == []
+    app.sendall(b"\0\0\0\x08\x04\xd2\x16\x2f")  # an SSLRequest, sent with the connect
+    client.read_now()
+    assert owner.data == [b"\0\0\0\x08\x04\xd2\x16\x2f"]
+    app.close()
+    client.read_now()
+    assert client.closed
+    rig.pump(lambda: bool(owner.lost))  # (connection_lost comes from the loop, as asyncio's)
+    assert owner.lost == [None]
+    client.read_now()  # closed: nothing happens
+    rig.pump(lambda: True)
+    assert owner.lost == [None]
+
+
 def test_a_slow_reader_throttles_the_sender_and_nothing_is_lost(rig: Rig) -> None:
     _owner, client, app = rig.client()
     client.pair(rig.server)

@@ -1114,6 +1114,18 @@ static PyObject *Link_adopt(LinkObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static void link_read(EngineObject *engine, LinkObject *l);
+
+static PyObject *Link_read_now(LinkObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->fd < 0 || self->closed || self->engine == NULL || self->engine->epfd < 0 ||
+        !self->reading || self->throttled)
+        Py_RETURN_NONE;
+    Py_INCREF(self);
+    link_read(self->engine, self);
+    Py_DECREF(self);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Link_write(LinkObject *self, PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
@@ -1393,6 +1405,8 @@ static PyMethodDef Link_methods[] = {
      "Send through this asyncio transport (TLS)."},
     {"adopt", (PyCFunction)Link_adopt, METH_VARARGS,
      "adopt(engine, fd, extra): the engine owns socket FD from now on."},
+    {"read_now", (PyCFunction)Link_read_now, METH_NOARGS,
+     "Read what the socket already has, without waiting for the engine's poll."},
     {"expect", (PyCFunction)Link_expect, METH_VARARGS,
      "expect(name, kind, drop): a ParseComplete/CloseComplete due for a message sent."},
     {"hold", (PyCFunction)Link_hold, METH_O, "Keep bytes until a server connection comes."},
@@ -1692,6 +1706,22 @@ static PyObject *Engine_fileno(EngineObject *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromLong(self->epfd);
 }
 
+/* Read what L's socket has and act on it (the caller holds a reference to L). */
+static void link_read(EngineObject *engine, LinkObject *l) {
+    ssize_t r;
+    do {
+        r = recv(l->fd, engine->rbuf, READ_SIZE, 0);
+    } while (r < 0 && errno == EINTR);
+    if (r > 0) {
+        if (dispatch(l, engine->rbuf, r) < 0)
+            PyErr_WriteUnraisable(l->owner);
+    } else if (r == 0) {
+        link_finish(l, NULL);
+    } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        link_fail(l, errno);
+    }
+}
+
 static PyObject *Engine_poll(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
     struct epoll_event evs[MAX_EVENTS];
     if (self->epfd < 0)
@@ -1708,20 +1738,8 @@ static PyObject *Engine_poll(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
         Py_INCREF(l);
         if ((ev & EPOLLOUT) && !l->closed)
             flush_out(l);
-        if ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !l->closed) {
-            ssize_t r;
-            do {
-                r = recv(l->fd, self->rbuf, READ_SIZE, 0);
-            } while (r < 0 && errno == EINTR);
-            if (r > 0) {
-                if (dispatch(l, self->rbuf, r) < 0)
-                    PyErr_WriteUnraisable(l->owner);
-            } else if (r == 0) {
-                link_finish(l, NULL);
-            } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-                link_fail(l, errno);
-            }
-        }
+        if ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !l->closed)
+            link_read(self, l);
         Py_DECREF(l);
     }
     Py_RETURN_NONE;

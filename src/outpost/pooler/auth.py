@@ -244,11 +244,12 @@ def password_text(kind: int, body: bytes) -> str:
 
 def check_md5(kind: int, body: bytes, user: str, secret: ClientSecret, salt: bytes) -> None:
     """Check the client's answer (KIND, BODY) to an md5 request with SALT; raises AuthFailed."""
-    answer = password_text(kind, body)
+    if kind != p.F_PASSWORD:
+        password_text(kind, body)  # (raises: not a password message)
     assert secret.md5 is not None
     inner = secret.md5[3:].encode() + salt
-    expected = "md5" + hashlib.md5(inner, usedforsecurity=False).hexdigest()
-    if not hmac.compare_digest(answer, expected):
+    expected = b"md5" + hashlib.md5(inner, usedforsecurity=False).hexdigest().encode()
+    if not hmac.compare_digest(body.rstrip(b"\0"), expected):
         raise AuthFailed(user)
 
 

@@ -20,7 +20,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from outpost.pooler import protocol as p
 from outpost.pooler._engine import Engine, Link, PoolCore
@@ -82,6 +82,16 @@ class ClientLink(Protocol):
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...
+
+
+class Greeting(NamedTuple):
+    """What a client logging in gets from a pool: worked out from the server's settings
+    (DEFAULTS) and the client's startup packet, once per distinct packet."""
+
+    defaults: dict[str, str]
+    want: dict[str, str | None]  # the tracked settings it wants (shared, never changed)
+    state: tuple[str | None, tuple[str | None, ...]]  # (search_path, tracked values)
+    messages: bytes  # AuthenticationOk and the ParameterStatus messages
 
 
 @dataclass
@@ -463,9 +473,9 @@ class Pool:
         self.core = PoolCore(self.active)
         self.settings = settings
         self.defaults: dict[str, str] | None = None
-        #: the ParameterStatus messages a client gets at login, by (tracked settings,
-        #: application_name): built once, not per login
-        self._statuses: dict[tuple[tuple[str | None, ...], str], bytes] = {}
+        #: what a client gets at login, by its startup packet (server._Startup): worked out
+        #: once, not per login
+        self.greetings: dict[object, Greeting] = {}
         self._on_change = on_change
         # statistics (SHOW STATS, metrics); transactions, waits and bytes are in self.core
         self.query_count = 0
@@ -560,17 +570,10 @@ class Pool:
     def bytes_sent(self) -> int:
         return self.core.sent
 
-    def status_messages(
-        self, tracked: tuple[str | None, ...], application_name: str
-    ) -> bytes | None:
-        return self._statuses.get((tracked, application_name))
-
-    def remember_status_messages(
-        self, tracked: tuple[str | None, ...], application_name: str, messages: bytes
-    ) -> None:
-        if len(self._statuses) >= 1000:
-            self._statuses.clear()
-        self._statuses[(tracked, application_name)] = messages
+    def remember_greeting(self, startup: object, greeting: Greeting) -> None:
+        if len(self.greetings) >= 1000:
+            self.greetings.clear()
+        self.greetings[startup] = greeting
 
     @property
     def total(self) -> int:

@@ -41,6 +41,7 @@ from outpost.pooler.auth import (
 from outpost.pooler.links import NO_EXTRA, hand_over
 from outpost.pooler.pool import (
     TRACKED,
+    Greeting,
     Pool,
     PoolError,
     PoolSettings,
@@ -119,23 +120,78 @@ def _normalize(name: str, value: str) -> str:
     return value
 
 
+class _Startup:
+    """What a StartupMessage says, worked out once per distinct packet: a client program sends
+    the same bytes each time it connects, so its logins share one (``_startup_of``)."""
+
+    __slots__ = ("application_name", "database", "msg", "schema", "search_path", "tracked", "user")
+
+    def __init__(self, msg: p.StartupMessage) -> None:
+        params = msg.params
+        self.msg = msg
+        self.user = _intern(params["user"])
+        self.database = _intern(params.get("database") or self.user)
+        self.application_name = _intern(params.get("application_name", ""))
+        self.schema = _intern(p.schema_from_params(params) or "public")
+        self.search_path = _intern(p.quote_ident(self.schema))
+        #: the tracked settings the client asks for (the rest come from the server's defaults)
+        self.tracked = tuple(
+            (name, _normalize(name, params[name])) for name in TRACKED if name in params
+        )
+
+
+_startups: dict[bytes, _Startup] = {}
+
+
+def _startup_of(packet: bytes) -> p.Startup | _Startup:
+    """PACKET (a startup-phase packet without its length) parsed: a StartupMessage as its
+    shared ``_Startup``; raises ProtocolViolation for a malformed one."""
+    found = _startups.get(packet)
+    if found is not None:
+        return found
+    msg = p.parse_startup(packet)
+    if not isinstance(msg, p.StartupMessage):
+        return msg
+    if len(_startups) >= 10_000:
+        _startups.clear()
+    _startups[packet] = found = _Startup(msg)
+    return found
+
+
+def _greeting(start: _Startup, defaults: dict[str, str], pool: Pool) -> Greeting:
+    """What a client logging in with START gets from POOL (whose servers have DEFAULTS): the
+    settings it wants, its state, and AuthenticationOk with the ParameterStatus messages; kept
+    by the pool for the next login with the same startup packet."""
+    want = {k: defaults.get(k) for k in TRACKED}
+    want.update(start.tracked)
+    want = _share_want(want)
+    state = _share((start.search_path, tuple(want.get(k) for k in TRACKED)))
+    shown = dict(defaults)
+    shown.update({k: v for k, v in want.items() if v is not None})
+    shown["application_name"] = start.application_name
+    statuses = b"".join(p.parameter_status(k, v) for k, v in shown.items())
+    greeting = Greeting(defaults, want, state, p.AUTH_OK_MESSAGE + statuses)
+    pool.remember_greeting(start, greeting)
+    return greeting
+
+
 class _FastLogin:
     """Where a login without a task stands: the route and its pool (whose server settings are
     known), and the password exchange begun (SCRAM, or md5 with its salt)."""
 
-    __slots__ = ("params", "pool", "route", "salt", "scram", "stage")
+    __slots__ = ("pool", "route", "salt", "scram", "stage", "start")
 
     def __init__(
         self,
         route: Route,
         pool: Pool,
-        params: dict[str, str],
+        start: _Startup,
         scram: ScramServer | None,
         salt: bytes,
     ) -> None:
         self.route = route
         self.pool = pool
-        self.params = params
+        self.start = start
         self.scram = scram
         self.salt = salt
         self.stage = 0  # SCRAM: 0 before client-first, 1 before client-final
@@ -296,6 +352,7 @@ class ClientSession(p.FramedProtocol):
         self.transport = self.link  # type: ignore[assignment]
         self.peer = peer
         self._arrived()
+        self.link.read_now()  # a client sends its first packet with its connect
 
     def _arrived(self) -> None:
         self.srv.add_client(self)
@@ -446,13 +503,13 @@ class ClientSession(p.FramedProtocol):
                     packet = self.take_startup()
                     if packet is None:
                         return
-                    msg = p.parse_startup(packet)
+                    msg = _startup_of(packet)
                     if isinstance(msg, p.GSSENCRequest) or (
                         isinstance(msg, p.SSLRequest) and self.srv.tls_context is None
                     ):
                         self.transport.write(b"N")
                         continue
-                    if not (isinstance(msg, p.StartupMessage) and self._start_fast(msg)):
+                    if not (isinstance(msg, _Startup) and self._start_fast(msg)):
                         self.login_task = asyncio.get_running_loop().create_task(self._login(msg))
                         return
                     continue
@@ -473,17 +530,17 @@ class ClientSession(p.FramedProtocol):
                 self.fast = None
                 pool = fast.pool
                 assert pool.defaults is not None  # (checked by _start_fast; kept once known)
-                self._logged_in(fast.route, pool, fast.params, auth_final, pool.defaults)
+                self._logged_in(fast.route, pool, fast.start, auth_final, pool.defaults)
                 return
         except Exception as exc:  # every failure ends the login with a reason
             self.fast = None
             self._login_failed(exc)
 
-    def _start_fast(self, msg: p.StartupMessage) -> bool:
+    def _start_fast(self, start: _Startup) -> bool:
         """Begin the password exchange when nothing needs waiting for; False when a task must
-        take the login on from MSG."""
+        take the login on from START."""
         srv = self.srv
-        params = self._take_params(msg)
+        self._take_startup(start)
         if self.database in ADMIN_DATABASES:
             return False
         found = srv.routes.lookup_nowait(self.database, self.schema)
@@ -497,17 +554,17 @@ class ClientSession(p.FramedProtocol):
         if method == "scram-sha-256":
             assert route.secret.scram is not None
             scram = ScramServer(self.user, route.secret.scram)
-            self.fast = _FastLogin(route, pool, params, scram, b"")
+            self.fast = _FastLogin(route, pool, start, scram, b"")
             self.transport.write(scram.request)
         elif method == "md5":
             salt = random4()
-            self.fast = _FastLogin(route, pool, params, None, salt)
+            self.fast = _FastLogin(route, pool, start, None, salt)
             self.transport.write(p.auth_request(p.AUTH_MD5, salt))
         else:
             return False  # cleartext: TLS checks, and a scrypt hash is checked in a thread
         return True
 
-    async def _login(self, first: p.Startup | None = None) -> None:
+    async def _login(self, first: p.Startup | _Startup | None = None) -> None:
         try:
             await self._startup(first)
             if self.admin:  # a console session: as long as the admin likes
@@ -545,13 +602,13 @@ class ClientSession(p.FramedProtocol):
             self.login_task.cancel()
         self.fatal(p.PROTOCOL_VIOLATION, f"the login took longer than {LOGIN_TIMEOUT:g}s")
 
-    async def _startup(self, first: p.Startup | None) -> None:
+    async def _startup(self, first: p.Startup | _Startup | None) -> None:
         srv = self.srv
         while True:
             if first is not None:
                 msg, first = first, None
             else:
-                msg = p.parse_startup(await self.read_startup())
+                msg = _startup_of(await self.read_startup())
             if isinstance(msg, p.SSLRequest):
                 if self.tls:
                     raise p.ProtocolViolation("SSLRequest received on a TLS connection")
@@ -573,7 +630,8 @@ class ClientSession(p.FramedProtocol):
                 self.transport.close()
                 return
             break
-        params = self._take_params(msg)
+        start = msg if isinstance(msg, _Startup) else _Startup(msg)
+        self._take_startup(start)
         if self.database in ADMIN_DATABASES:
             await self._admin_login()
             return
@@ -583,8 +641,8 @@ class ClientSession(p.FramedProtocol):
         route = self._route(found)
         auth_final = await self._password_exchange(route)
         pool = srv.pool_for(route.destination)
-        defaults = await srv.server_defaults(pool, _intern(p.quote_ident(self.schema)))
-        self._logged_in(route, pool, params, auth_final, defaults)
+        defaults = await srv.server_defaults(pool, start.search_path)
+        self._logged_in(route, pool, start, auth_final, defaults)
 
     async def _password_exchange(self, route: Route) -> bytes:
         config = self.srv.config
@@ -596,13 +654,12 @@ class ClientSession(p.FramedProtocol):
             allow_cleartext_without_tls=config.allow_cleartext_without_tls,
         )
 
-    def _take_params(self, msg: p.StartupMessage) -> dict[str, str]:
+    def _take_startup(self, start: _Startup) -> None:
         """Take the user, database, schema and application name from a StartupMessage."""
         srv = self.srv
-        params = msg.params
-        self.user = _intern(params["user"])
-        self.database = _intern(params.get("database") or self.user)
-        self.application_name = _intern(params.get("application_name", ""))
+        self.user = start.user
+        self.database = start.database
+        self.application_name = start.application_name
         if srv.tls_required:
             self._check_client_tls()
         if srv.client_count > srv.config.max_client_conn:
@@ -610,8 +667,7 @@ class ClientSession(p.FramedProtocol):
                 f"no more connections allowed (max_client_conn {srv.config.max_client_conn})",
                 p.TOO_MANY_CONNECTIONS,
             )
-        self.schema = _intern(p.schema_from_params(params) or "public")
-        return params
+        self.schema = start.schema
 
     def _check_client_tls(self) -> None:
         """client_tls_sslmode require, verify-ca or verify-full: TLS, and for verify-full a
@@ -650,7 +706,7 @@ class ClientSession(p.FramedProtocol):
         self,
         route: Route,
         pool: Pool,
-        params: dict[str, str],
+        start: _Startup,
         auth_final: bytes,
         defaults: dict[str, str],
     ) -> None:
@@ -659,32 +715,15 @@ class ClientSession(p.FramedProtocol):
             raise AuthFailed(self.user)
         srv = self.srv
         self.pool = pool
-        self.search_path = _intern(p.quote_ident(self.schema))
-        want = {k: defaults.get(k) for k in TRACKED}
-        for name in TRACKED:
-            if name in params:
-                want[name] = _normalize(name, params[name])
-        self.want = _share_want(want)
-        self.state = _share((self.search_path, tuple(self.want.get(k) for k in TRACKED)))
-        statuses = pool.status_messages(self.state[1], self.application_name)
-        if statuses is None:
-            shown = dict(defaults)
-            shown.update({k: v for k, v in self.want.items() if v is not None})
-            shown["application_name"] = self.application_name
-            statuses = b"".join(p.parameter_status(k, v) for k, v in shown.items())
-            pool.remember_status_messages(self.state[1], self.application_name, statuses)
+        self.search_path = start.search_path
+        greeting = pool.greetings.get(start)
+        if greeting is None or greeting.defaults is not defaults:
+            greeting = _greeting(start, defaults, pool)
+        self.want = greeting.want
+        self.state = greeting.state
         self.pid, self.key = srv.new_backend_key(self)
-        self.transport.write(
-            b"".join(
-                (
-                    auth_final,
-                    p.AUTH_OK_MESSAGE,
-                    statuses,
-                    p.backend_key_data(self.pid, self.key),
-                    p.READY_IDLE,
-                )
-            )
-        )
+        key_data = p.backend_key_data(self.pid, self.key)
+        self.transport.write(b"".join((auth_final, greeting.messages, key_data, p.READY_IDLE)))
         self.ready = True
         self.login_task = None
         srv.logging_in.pop(self, None)
@@ -1284,7 +1323,8 @@ class PoolerServer:
             pool = Pool(dest, self.settings, engine=self.engine)
             pool.paused = self.paused
             self.pools[dest.pool_key] = pool
-        elif pool.destination != dest:  # new password or TLS settings: busy clients carry on
+        elif pool.destination is not dest and pool.destination != dest:
+            # new password or TLS settings: busy clients carry on
             pool.redirect(dest)
         return pool
 
