@@ -81,6 +81,39 @@ def test_md5_client_auth(tenant_db: TenantDb) -> None:  # noqa: F811
             psycopg.connect(**_conninfo(pooler.port, password="wrong"))
 
 
+def test_md5_logins_the_engine_runs_follow_route_changes_at_once(
+    tenant_db: TenantDb,  # noqa: F811
+) -> None:
+    """After a first md5 login the engine answers the next ones with the same startup packet
+    itself: they work, a wrong password gets the same error, and a changed or removed route
+    counts from the next login on, not a second later."""
+    routes = StaticRoutes(tenant_db.routes())
+    config = PoolerConfig(client_auth="md5")
+    with running_pooler(config, routes) as pooler:
+        assert pooler.server is not None and pooler.server.engine is not None
+        logins = pooler.server.engine.logins
+        for _ in range(3):
+            with psycopg.connect(**_conninfo(pooler.port)) as conn:
+                assert conn.execute("SELECT name FROM whoami").fetchone() == ("public",)
+        assert len(logins) == 1  # the packet the engine now answers for
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(**_conninfo(pooler.port, password="wrong"))
+        changed = [
+            Route(r.database, r.schema, r.user, make_client_secret("new-pw", r.user), r.destination)
+            for r in tenant_db.routes()
+        ]
+        routes.replace(changed)
+        assert logins == {}
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(**_conninfo(pooler.port))
+        for _ in range(2):
+            with psycopg.connect(**_conninfo(pooler.port, password="new-pw")) as conn:
+                assert conn.execute("SELECT name FROM whoami").fetchone() == ("public",)
+        routes.replace([])
+        with pytest.raises(psycopg.OperationalError, match='no route for database "app"'):
+            psycopg.connect(**_conninfo(pooler.port, password="new-pw"))
+
+
 def test_perseus_scrypt_route_needs_tls_for_its_cleartext_password(
     tenant_db: TenantDb,  # noqa: F811
     certs: dict[str, str],

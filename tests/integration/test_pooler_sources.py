@@ -277,6 +277,11 @@ def test_open_route_source_store_then_table(
         assert first is not None and first.origin == "store" and first.user == "store-user"
         second = await source.lookup("app", table_only)
         assert second is not None and second.origin == "table"
+        # how long the pooler may log clients in without asking again: the store's recheck,
+        # and for a table route also the table's cache
+        assert 0 < source.fresh_for("app", shared) <= 1.0
+        assert 0 < source.fresh_for("app", table_only) <= 1.0
+        assert source.fresh_for("app", fresh_schema()) == 0  # never looked up: ask
         await source.close()
 
     asyncio.run(scenario())

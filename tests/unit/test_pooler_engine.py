@@ -55,6 +55,7 @@ class Owner:
         self.released = 0
         self.terminated = 0
         self.lost: list[object] = []
+        self.logins: list[tuple[object, int, int, bytes]] = []
         self.link: Link | None = None
 
     def _on_data(self, data: bytes) -> None:
@@ -86,6 +87,9 @@ class Owner:
 
     def connection_lost(self, exc: object) -> None:
         self.lost.append(exc)
+
+    def _engine_login(self, info: object, kind: int, outcome: int, rest: bytes) -> None:
+        self.logins.append((info, kind, outcome, rest))
 
 
 class Rig:
@@ -339,6 +343,110 @@ def test_read_now_takes_what_has_arrived_without_a_poll(rig: Rig) -> None:
     client.read_now()  # closed: nothing happens
     rig.pump(lambda: True)
     assert owner.lost == [None]
+
+
+SSL_REQUEST = struct.pack("!II", 8, 80877103)
+STARTUP = b"\0\3\0\0user\0app_a\0database\0app\0\0"
+MD5_SECRET = b"0123456789abcdef0123456789abcdef"  # the hex digits of md5(password + user)
+
+
+def startup(body: bytes = STARTUP) -> bytes:
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def md5_answer(salt: bytes, secret: bytes = MD5_SECRET) -> bytes:
+    import hashlib
+
+    return b"md5" + hashlib.md5(secret + salt, usedforsecurity=False).hexdigest().encode() + b"\0"
+
+
+def logging_in(rig: Rig, *, valid_for: float = 60.0) -> tuple[Owner, Link, socket.socket]:
+    owner, client, app = rig.client()
+    rig.engine.logins[STARTUP] = (MD5_SECRET, time.monotonic() + valid_for, "info")
+    client.login = 1
+    return owner, client, app
+
+
+def md5_request(app: socket.socket, rig: Rig) -> bytes:
+    """The AuthenticationMD5Password the engine sent: its salt."""
+    request = recv_exactly(app, 13, rig)
+    assert request[:9] == b"R\0\0\0\x0c\0\0\0\x05"
+    return request[9:]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_the_engine_runs_a_remembered_md5_login(rig: Rig, chunk: int) -> None:
+    """An SSLRequest gets 'N'; the startup packet Python remembered gets an md5 request with a
+    fresh salt; the right answer reaches Python once, with what came after it, however the
+    bytes are cut."""
+    owner, client, app = logging_in(rig)
+    sent = SSL_REQUEST + startup()
+    for i in range(0, len(sent), chunk):
+        app.sendall(sent[i : i + chunk])
+        time.sleep(0.001)
+    assert recv_exactly(app, 1, rig) == b"N"
+    salt = md5_request(app, rig)
+    answer = msg(b"p", md5_answer(salt)) + query("select 1")
+    for i in range(0, len(answer), chunk):
+        app.sendall(answer[i : i + chunk])
+        time.sleep(0.001)
+    rig.pump(lambda: bool(owner.logins))
+    info, kind, outcome, rest = owner.logins[0]
+    assert (info, kind, outcome) == ("info", ord("p"), 1)
+    # what followed the answer: with the call, or (cut apart) as bytes afterwards
+    rig.pump(lambda: len(rest + b"".join(owner.data)) >= len(query("select 1")))
+    assert rest + b"".join(owner.data) == query("select 1")
+    assert client.login == 0 and owner.logins[1:] == []
+    # a second client gets another salt
+    _owner2, _client2, app2 = logging_in(rig)
+    app2.sendall(startup())
+    assert md5_request(app2, rig) != salt
+
+
+def test_a_wrong_answer_or_another_message_goes_to_python_as_such(rig: Rig) -> None:
+    owner, _client, app = logging_in(rig)
+    app.sendall(startup())
+    salt = md5_request(app, rig)
+    app.sendall(msg(b"p", md5_answer(salt, b"f" * 32)))
+    rig.pump(lambda: bool(owner.logins))
+    assert owner.logins == [("info", ord("p"), 0, b"")]
+    owner, _client, app = logging_in(rig)
+    app.sendall(startup())
+    md5_request(app, rig)
+    app.sendall(msg(b"Q", b"select 1\0"))
+    rig.pump(lambda: bool(owner.logins))
+    assert owner.logins == [("info", ord("Q"), 0, b"")]
+    owner, _client, app = logging_in(rig)
+    app.sendall(startup())
+    md5_request(app, rig)
+    bad = b"p" + struct.pack("!I", 1_000_000)
+    app.sendall(bad)
+    rig.pump(lambda: bool(owner.logins))
+    assert owner.logins == [("info", ord("p"), -1, bad)]
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        startup(STARTUP.replace(b"app_a", b"app_b")),  # not remembered
+        struct.pack("!I", 3) + b"junk",  # a length below 8
+        struct.pack("!I", 1_000_000),  # oversized
+        struct.pack("!II", 16, 80877102) + b"\0" * 8,  # a CancelRequest
+    ],
+)
+def test_anything_else_goes_to_python_untouched(rig: Rig, packet: bytes) -> None:
+    owner, client, app = logging_in(rig)
+    app.sendall(packet)
+    rig.pump(lambda: len(b"".join(owner.data)) >= len(packet))
+    assert b"".join(owner.data) == packet
+    assert owner.logins == [] and client.login == 0
+
+
+def test_an_expired_login_goes_to_python(rig: Rig) -> None:
+    owner, _client, app = logging_in(rig, valid_for=-1)
+    app.sendall(startup())
+    rig.pump(lambda: bool(owner.data))
+    assert b"".join(owner.data) == startup() and owner.logins == []
 
 
 def test_a_slow_reader_throttles_the_sender_and_nothing_is_lost(rig: Rig) -> None:

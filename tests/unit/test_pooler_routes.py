@@ -4,6 +4,7 @@ reading them without the data dir lock."""
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 from pathlib import Path
 
@@ -243,6 +244,33 @@ def test_store_routes_reads_beside_the_lock_holder(store: Store) -> None:
         await source.close()
 
     run(scenario())
+
+
+def test_store_routes_say_how_long_an_answer_stays_current(store: Store) -> None:
+    """fresh_for: until the next recheck of the store; a reload that finds a change calls
+    ``changed`` (the pooler then forgets the logins it runs from the old routes)."""
+    admin = LocalRouteAdmin(store, KEY)
+    admin.add_route("app", "t1", "alice", PASSWORD, "pg")
+    clock = Clock()
+    source = StoreRoutes(store.data_dir, KEY, CredentialsConfig(), clock=clock)
+    changes: list[int] = []
+    source.on_change = lambda: changes.append(1)
+    assert source.lookup_nowait("app", "t1") is not None
+    assert source.fresh_for("app", "t1") == pytest.approx(1.0)
+    clock.now += 0.75
+    assert source.fresh_for("app", "t1") == pytest.approx(0.25)
+    clock.now += 0.5
+    assert source.fresh_for("app", "t1") == 0.0
+    assert source.lookup_nowait("app", "t1") is not None and changes == []  # no change found
+    admin.remove_route("app", "t1")
+    clock.now += 1.5
+    assert source.lookup_nowait("app", "t1") is None and changes == [1]
+    chained = ChainedRoutes([source, StaticRoutes()])
+    chained.on_change = lambda: changes.append(2)
+    run(chained.reload())
+    assert changes == [1, 2]
+    assert StaticRoutes().fresh_for("app", "t1") == math.inf
+    run(source.close())
 
 
 def test_store_routes_is_read_only(store: Store) -> None:

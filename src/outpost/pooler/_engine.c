@@ -25,6 +25,8 @@
  *   server owner: _on_data(bytes), _engine_param(body), _unanswered((name, kind, drop)),
  *                 _engine_bad_length(kind, length)
  *   both:         connection_lost(exc)       via loop.call_soon, once (raw mode only)
+ *   logging in:   _engine_login(info, kind, outcome, rest)
+ *                                            a login the engine took on (see below) ended
  *
  * The server Link keeps what is outstanding: Syncs/Queries not yet answered by ReadyForQuery
  * ('syncs'), an extended-protocol message since the last Sync ('unsynced'), the transaction
@@ -39,6 +41,13 @@
  * else (a connection to open or to bring to the client's state, a paused, closed or redirected
  * pool, a connection past max_lifetime, a waiter that is not a client link) is on_ready /
  * _on_data in Python, which uses the same PoolCore.
+ *
+ * Logins: a client link with 'login' set (one the engine accepted) has its startup packet read
+ * here. One that Python put in Engine.logins (a startup packet it logged in with md5 before,
+ * with the route's md5 secret and how long that stays current) gets its md5 request and has
+ * its answer checked here; Python hears once, when the answer came (_engine_login). Anything
+ * else (a packet not there or expired, a malformed one) goes to Python's _on_data as if the
+ * engine had not looked; an SSLRequest or GSSENCRequest is answered 'N' (no TLS on this path).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -51,6 +60,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -90,7 +100,10 @@ struct EngineObject {
     int epfd;
     PyObject *call_soon; /* loop.call_soon */
     PyObject *links;     /* dict fd -> Link: keeps every registered link alive */
+    PyObject *logins;    /* dict startup packet -> (md5 secret, valid until, info) */
     char *rbuf;
+    char rand[256]; /* getrandom(2) bytes for md5 salts, used from the end */
+    int rand_left;
 };
 
 typedef struct {
@@ -124,6 +137,10 @@ struct LinkObject {
     uint32_t events;
     int closing;
     int closed;
+    /* a login the engine runs: LOGIN_STARTUP, then LOGIN_MD5 with what Engine.logins had */
+    int login;
+    PyObject *login_with;
+    char salt[4];
     /* output (raw mode) */
     char *out;
     Py_ssize_t out_start, out_end, out_cap;
@@ -145,7 +162,9 @@ static PyTypeObject EngineType;
 
 static PyObject *s_on_data, *s_engine_message, *s_engine_terminate, *s_engine_bad_length,
     *s_engine_release, *s_on_ready, *s_engine_param, *s_unanswered, *s_connection_lost,
-    *s_write;
+    *s_write, *s_engine_login, *s_hexdigest;
+static PyObject *s_usedforsecurity; /* ("usedforsecurity",): md5 salts passwords, as PostgreSQL */
+static PyObject *md5_new; /* hashlib.md5 */
 
 /* --- small helpers ----------------------------------------------------------------------------- */
 
@@ -948,9 +967,202 @@ static int scan_server(LinkObject *s, LinkObject *c, const char *data, Py_ssize_
 }
 
 /* Bytes from L's socket (or transport): frame and forward, or hand them to Python. */
+/* --- logins the engine runs (md5, a startup packet Python has seen) ------------------------------ */
+
+#define LOGIN_STARTUP 1
+#define LOGIN_MD5 2
+#define SSL_REQUEST_CODE 80877103u
+#define GSSENC_REQUEST_CODE 80877104u
+#define MAX_STARTUP_LENGTH 10000 /* protocol.MAX_STARTUP_LENGTH */
+#define MAX_AUTH_MESSAGE 8192    /* auth.MAX_AUTH_MESSAGE */
+
+/* Four random bytes for an md5 salt, from a batch read with getrandom(2). */
+static int engine_salt(EngineObject *e, char *out) {
+    if (e->rand_left < 4) {
+        ssize_t r;
+        do {
+            r = getrandom(e->rand, sizeof(e->rand), 0);
+        } while (r < 0 && errno == EINTR);
+        if (r != (ssize_t)sizeof(e->rand)) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        e->rand_left = (int)sizeof(e->rand);
+    }
+    e->rand_left -= 4;
+    memcpy(out, e->rand + e->rand_left, 4);
+    return 0;
+}
+
+/* Whether a password message's BODY is "md5" + md5(SECRET + SALT) in hex (SECRET: the hex
+ * digits of the stored md5(password + user)); 1, 0, or -1 with an exception. */
+static int md5_answer_matches(PyObject *secret, const char *salt, const char *body,
+                              Py_ssize_t blen) {
+    while (blen > 0 && body[blen - 1] == '\0')
+        blen--;
+    Py_ssize_t slen = PyBytes_GET_SIZE(secret);
+    PyObject *input = PyBytes_FromStringAndSize(NULL, slen + 4);
+    if (input == NULL)
+        return -1;
+    memcpy(PyBytes_AS_STRING(input), PyBytes_AS_STRING(secret), slen);
+    memcpy(PyBytes_AS_STRING(input) + slen, salt, 4);
+    PyObject *args[] = {input, Py_False};
+    PyObject *h = PyObject_Vectorcall(md5_new, args, 1, s_usedforsecurity);
+    Py_DECREF(input);
+    if (h == NULL)
+        return -1;
+    PyObject *hex = PyObject_CallMethodNoArgs(h, s_hexdigest);
+    Py_DECREF(h);
+    if (hex == NULL)
+        return -1;
+    Py_ssize_t xlen;
+    const char *x = PyUnicode_AsUTF8AndSize(hex, &xlen);
+    if (x == NULL) {
+        Py_DECREF(hex);
+        return -1;
+    }
+    int diff = (blen != xlen + 3);
+    if (!diff) { /* in constant time */
+        unsigned char acc = 0;
+        acc |= (unsigned char)(body[0] ^ 'm') | (unsigned char)(body[1] ^ 'd') |
+               (unsigned char)(body[2] ^ '5');
+        for (Py_ssize_t i = 0; i < xlen; i++)
+            acc |= (unsigned char)(body[3 + i] ^ x[i]);
+        diff = acc != 0;
+    }
+    Py_DECREF(hex);
+    return !diff;
+}
+
+/* The login ended here: tell the owner (info, message kind, 1 matched / 0 not / -1 a bad
+ * length, the bytes after the message: REST, or none when NULL). */
+static int login_done(LinkObject *l, int kind, int outcome, PyObject *rest) {
+    PyObject *with = l->login_with;
+    l->login_with = NULL;
+    l->login = 0;
+    l->part_len = 0;
+    PyObject *r = NULL;
+    PyObject *b = rest != NULL ? Py_NewRef(rest) : PyBytes_FromStringAndSize(NULL, 0);
+    PyObject *k = PyLong_FromLong(kind), *o = PyLong_FromLong(outcome);
+    if (b != NULL && k != NULL && o != NULL) {
+        PyObject *args[] = {l->owner, PyTuple_GET_ITEM(with, 2), k, o, b};
+        r = PyObject_VectorcallMethod(s_engine_login, args, 5, NULL);
+    }
+    Py_XDECREF(b);
+    Py_XDECREF(k);
+    Py_XDECREF(o);
+    Py_DECREF(with);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* What a logging-in client sent (L->login set): see the comment at the top. */
+static int login_dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
+    EngineObject *e = l->engine;
+    if (ensure_cap(&l->part, &l->part_cap, l->part_len + n) < 0)
+        return -1;
+    memcpy(l->part + l->part_len, data, n);
+    l->part_len += n;
+    const char *buf = l->part;
+    Py_ssize_t len = l->part_len, pos = 0;
+    while (l->login && !l->closed) {
+        if (l->login == LOGIN_STARTUP) {
+            if (len - pos < 4)
+                break;
+            uint32_t plen = be32(buf + pos);
+            if (plen < 8 || plen > MAX_STARTUP_LENGTH)
+                goto to_python;
+            if (len - pos < (Py_ssize_t)plen)
+                break;
+            uint32_t code = be32(buf + pos + 4);
+            if (plen == 8 && (code == SSL_REQUEST_CODE || code == GSSENC_REQUEST_CODE)) {
+                pos += 8;
+                if (link_out(l, "N", 1) < 0)
+                    return -1;
+                continue;
+            }
+            if (e == NULL || e->logins == NULL)
+                goto to_python;
+            PyObject *key = PyBytes_FromStringAndSize(buf + pos + 4, plen - 4);
+            if (key == NULL)
+                return -1;
+            PyObject *with = PyDict_GetItemWithError(e->logins, key); /* borrowed */
+            Py_DECREF(key);
+            if (with == NULL) {
+                if (PyErr_Occurred())
+                    return -1;
+                goto to_python;
+            }
+            if (!PyTuple_Check(with) || PyTuple_GET_SIZE(with) != 3 ||
+                !PyBytes_Check(PyTuple_GET_ITEM(with, 0)) ||
+                !PyFloat_Check(PyTuple_GET_ITEM(with, 1)) ||
+                PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(with, 1)) <= now_mono())
+                goto to_python; /* expired: Python looks the route up again */
+            char request[13] = {'R', 0, 0, 0, 12, 0, 0, 0, 5};
+            if (engine_salt(e, request + 9) < 0)
+                return -1;
+            memcpy(l->salt, request + 9, 4);
+            Py_INCREF(with);
+            Py_XSETREF(l->login_with, with);
+            l->login = LOGIN_MD5;
+            pos += plen;
+            if (link_out(l, request, 13) < 0)
+                return -1;
+            continue;
+        }
+        /* LOGIN_MD5: the answer */
+        if (len - pos < 5)
+            break;
+        int kind = (unsigned char)buf[pos];
+        uint32_t mlen = be32(buf + pos + 1);
+        if (kind != 'p')
+            return login_done(l, kind, 0, NULL);
+        if (mlen < 4 || mlen > MAX_AUTH_MESSAGE) {
+            PyObject *message = PyBytes_FromStringAndSize(buf + pos, len - pos);
+            if (message == NULL)
+                return -1;
+            int rc = login_done(l, kind, -1, message);
+            Py_DECREF(message);
+            return rc;
+        }
+        if (len - pos < 1 + (Py_ssize_t)mlen)
+            break;
+        int ok = md5_answer_matches(PyTuple_GET_ITEM(l->login_with, 0), l->salt, buf + pos + 5,
+                                    (Py_ssize_t)mlen - 4);
+        if (ok < 0)
+            return -1;
+        pos += 1 + mlen;
+        /* (the owner may write and read: what follows goes with the call, not in l->part) */
+        PyObject *rest = PyBytes_FromStringAndSize(buf + pos, len - pos);
+        if (rest == NULL)
+            return -1;
+        int rc = login_done(l, kind, ok, rest);
+        Py_DECREF(rest);
+        return rc;
+    }
+    if (l->closed) {
+        l->part_len = 0;
+        return 0;
+    }
+    if (pos) /* keep the unfinished message */
+        memmove(l->part, buf + pos, len - pos);
+    l->part_len = len - pos;
+    return 0;
+
+to_python:
+    l->login = 0;
+    Py_CLEAR(l->login_with);
+    l->part_len = 0; /* (the bytes stay where they are until the call has copied them) */
+    return call_on_data(l, buf + pos, len - pos);
+}
+
 static int dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
     if (l->closed)
         return 0;
+    if (l->login)
+        return login_dispatch(l, data, n);
     if (l->holding) /* waiting for a server connection */
         return pend_append(l, data, n);
     if (l->peer == NULL && !l->server) {
@@ -1016,6 +1228,7 @@ static int Link_traverse(LinkObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->peer);
     Py_VISIT(self->core);
     Py_VISIT(self->state);
+    Py_VISIT(self->login_with);
     for (Py_ssize_t i = 0; i < self->exp_len; i++)
         Py_VISIT(self->exp[(self->exp_head + i) % self->exp_cap].name);
     return 0;
@@ -1028,6 +1241,7 @@ static int Link_clear(LinkObject *self) {
     Py_CLEAR(self->peer);
     Py_CLEAR(self->core);
     Py_CLEAR(self->state);
+    Py_CLEAR(self->login_with);
     expect_clear(self);
     Py_CLEAR(self->engine);
     return 0;
@@ -1386,6 +1600,8 @@ static PyMemberDef Link_members[] = {
     {"waiting", T_INT, offsetof(LinkObject, waiting), 0, "client: in the pool's queue"},
     {"holding", T_INT, offsetof(LinkObject, holding), 0,
      "client: bytes are held until a server connection is ready"},
+    {"login", T_INT, offsetof(LinkObject, login), 0,
+     "client: the engine reads its startup packet (1) and may run its md5 login"},
     {NULL},
 };
 
@@ -1673,8 +1889,9 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     Py_INCREF(call_soon);
     self->call_soon = call_soon;
     self->links = PyDict_New();
+    self->logins = PyDict_New();
     self->rbuf = PyMem_Malloc(READ_SIZE);
-    if (self->links == NULL || self->rbuf == NULL) {
+    if (self->links == NULL || self->logins == NULL || self->rbuf == NULL) {
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
@@ -1684,12 +1901,14 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
 static int Engine_traverse(EngineObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->call_soon);
     Py_VISIT(self->links);
+    Py_VISIT(self->logins);
     return 0;
 }
 
 static int Engine_clear_refs(EngineObject *self) {
     Py_CLEAR(self->call_soon);
     Py_CLEAR(self->links);
+    Py_CLEAR(self->logins);
     return 0;
 }
 
@@ -1766,6 +1985,13 @@ static PyMethodDef Engine_methods[] = {
     {NULL},
 };
 
+static PyMemberDef Engine_members[] = {
+    {"logins", T_OBJECT, offsetof(EngineObject, logins), READONLY,
+     "startup packet (bytes) -> (md5 secret hex digits (bytes), valid until (monotonic), info): "
+     "logins the engine runs itself; Python adds and forgets them"},
+    {NULL},
+};
+
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "outpost.pooler._engine.Engine",
     .tp_basicsize = sizeof(EngineObject),
@@ -1775,6 +2001,7 @@ static PyTypeObject EngineType = {
     .tp_traverse = (traverseproc)Engine_traverse,
     .tp_clear = (inquiry)Engine_clear_refs,
     .tp_methods = Engine_methods,
+    .tp_members = Engine_members,
     .tp_doc = "An epoll set of links, polled from the asyncio loop.",
 };
 
@@ -1868,6 +2095,17 @@ PyMODINIT_FUNC PyInit__engine(void) {
     INTERN(s_unanswered, "_unanswered");
     INTERN(s_connection_lost, "connection_lost");
     INTERN(s_write, "write");
+    INTERN(s_engine_login, "_engine_login");
+    INTERN(s_hexdigest, "hexdigest");
+    if ((s_usedforsecurity = Py_BuildValue("(s)", "usedforsecurity")) == NULL)
+        return NULL;
+    PyObject *hashlib = PyImport_ImportModule("hashlib");
+    if (hashlib == NULL)
+        return NULL;
+    md5_new = PyObject_GetAttrString(hashlib, "md5");
+    Py_DECREF(hashlib);
+    if (md5_new == NULL)
+        return NULL;
     if (PyType_Ready(&PoolCoreType) < 0 || PyType_Ready(&LinkType) < 0 ||
         PyType_Ready(&EngineType) < 0)
         return NULL;

@@ -39,6 +39,9 @@ class PoolCore:
     def set_waiters(self, waiters: list[object], /) -> None: ...
 
 class Engine:
+    #: startup packet -> (md5 secret's hex digits, valid until (monotonic), info): logins the
+    #: engine runs itself for links with ``login`` set; info goes back in ``_engine_login``
+    logins: dict[bytes, tuple[bytes, float, Any]]
     def __init__(self, call_soon: Callable[..., Any]) -> None: ...
     def fileno(self) -> int: ...
     def poll(self) -> None: ...
@@ -63,6 +66,7 @@ class Link:
     broken: int
     waiting: int
     holding: int
+    login: int
     partial: bytes
     core: PoolCore | None
     state: Any

@@ -6,8 +6,9 @@ encrypted store, a Perseus-compatible ``perseus_auth`` table, and a static list 
 from __future__ import annotations
 
 import enum
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -80,6 +81,20 @@ WOULD_BLOCK: Final = WouldBlock.WOULD_BLOCK
 class RouteSource(ABC):
     """Where routes come from. Implementations must be safe to call from the event loop."""
 
+    #: set by the pooler: called when routes may have changed (``changed``), so that it
+    #: forgets what it worked out from them
+    on_change: Callable[[], None] | None = None
+
+    def changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def fresh_for(self, database: str, schema: str) -> float:
+        """How many seconds the answer ``lookup_nowait`` just gave for (database, schema)
+        stays current without asking again (a change in between calls ``changed``); the
+        pooler then logs clients in without asking. 0: ask every time."""
+        return 0.0
+
     @abstractmethod
     async def lookup(self, database: str, schema: str) -> Route | None:
         """The route for (database, schema), or None when there is none."""
@@ -110,6 +125,10 @@ class StaticRoutes(RouteSource):
 
     def replace(self, routes: Iterable[Route]) -> None:
         self._routes = {(r.database, r.schema): r for r in routes}
+        self.changed()
+
+    def fresh_for(self, database: str, schema: str) -> float:
+        return math.inf  # until ``replace``
 
     async def lookup(self, database: str, schema: str) -> Route | None:
         return self._routes.get((database, schema))

@@ -36,6 +36,7 @@ from outpost.pooler.auth import (
     authenticate_client,
     check_md5,
     choose_method,
+    password_text,
     random4,
 )
 from outpost.pooler.links import NO_EXTRA, hand_over
@@ -60,6 +61,9 @@ log = logging.getLogger("outpost.pooler")
 ADMIN_DATABASES = ("outpost", "pgbouncer")
 #: How long a client may take from connecting to being logged in.
 LOGIN_TIMEOUT = 60.0
+#: How long the engine runs md5 logins for a startup packet on its own before the route is
+#: looked up again (``PoolerServer.remember_login``).
+LOGIN_MEMORY_SECONDS = 1.0
 #: Statements that only make sense on a connection the client keeps (refused in transaction mode).
 SESSION_ONLY = re.compile(
     rb"(?is)(?:^|;)\s*(listen)\b|\b(pg_(?:try_)?advisory_lock(?:_shared)?)\s*\(|\bwith\s+(hold)\b"
@@ -179,7 +183,7 @@ class _FastLogin:
     """Where a login without a task stands: the route and its pool (whose server settings are
     known), and the password exchange begun (SCRAM, or md5 with its salt)."""
 
-    __slots__ = ("pool", "route", "salt", "scram", "stage", "start")
+    __slots__ = ("packet", "pool", "route", "salt", "scram", "stage", "start")
 
     def __init__(
         self,
@@ -192,6 +196,7 @@ class _FastLogin:
         self.route = route
         self.pool = pool
         self.start = start
+        self.packet = b""  # the startup packet (md5: what the engine may answer next time)
         self.scram = scram
         self.salt = salt
         self.stage = 0  # SCRAM: 0 before client-first, 1 before client-final
@@ -351,7 +356,10 @@ class ClientSession(p.FramedProtocol):
             return
         self.transport = self.link  # type: ignore[assignment]
         self.peer = peer
+        srv = self.srv
         self._arrived()
+        if srv.client_count <= srv.config.max_client_conn and not srv.tls_required:
+            self.link.login = 1  # the engine reads the startup packet (Engine.logins)
         self.link.read_now()  # a client sends its first packet with its connect
 
     def _arrived(self) -> None:
@@ -512,6 +520,8 @@ class ClientSession(p.FramedProtocol):
                     if not (isinstance(msg, _Startup) and self._start_fast(msg)):
                         self.login_task = asyncio.get_running_loop().create_task(self._login(msg))
                         return
+                    if self.fast is not None:
+                        self.fast.packet = packet
                     continue
                 message = self.take_message(MAX_AUTH_MESSAGE)
                 if message is None:
@@ -531,9 +541,36 @@ class ClientSession(p.FramedProtocol):
                 pool = fast.pool
                 assert pool.defaults is not None  # (checked by _start_fast; kept once known)
                 self._logged_in(fast.route, pool, fast.start, auth_final, pool.defaults)
+                if scram is None:
+                    self.srv.remember_login(fast)
                 return
         except Exception as exc:  # every failure ends the login with a reason
             self.fast = None
+            self._login_failed(exc)
+
+    def _engine_login(
+        self, info: tuple[Route, Pool, _Startup], kind: int, outcome: int, rest: bytes
+    ) -> None:
+        """The engine ran this client's md5 login (``PoolerServer.remember_login``) and got its
+        answer: KIND, OUTCOME 1 (it matched), 0 (it did not) or -1 (a bad length: REST starts
+        with the message), and REST, what came after it."""
+        route, pool, start = info
+        try:
+            self._take_startup(start)
+            if outcome < 0:
+                length = int.from_bytes(rest[1:5], "big")
+                raise p.ProtocolViolation(
+                    f"invalid message length {length} for message type {chr(kind)!r}"
+                )
+            if kind != p.F_PASSWORD:
+                password_text(kind, b"")  # (raises: another message than a password)
+            if not outcome:
+                raise AuthFailed(self.user)
+            if rest:
+                self.buffer_data(rest)
+            assert pool.defaults is not None  # (known when the login was remembered)
+            self._logged_in(route, pool, start, b"", pool.defaults)
+        except Exception as exc:  # every failure ends the login with a reason
             self._login_failed(exc)
 
     def _start_fast(self, start: _Startup) -> bool:
@@ -1096,6 +1133,7 @@ class PoolerServer:
         self.tls_context = self._make_tls_context(config)
         #: client_tls_sslmode require or stricter: clients without TLS are refused
         self.tls_required = config.client_sslmode in ("require", "verify-ca", "verify-full")
+        routes.on_change = self.forget_logins
         self.started_at = time.time()
         self.sockets: list[socket.socket] = []
         self.paused = False
@@ -1326,7 +1364,31 @@ class PoolerServer:
         elif pool.destination is not dest and pool.destination != dest:
             # new password or TLS settings: busy clients carry on
             pool.redirect(dest)
+            self.forget_logins()
         return pool
+
+    def remember_login(self, fast: _FastLogin) -> None:
+        """An md5 login with FAST's startup packet succeeded: let the engine run the next ones
+        with that packet itself (salt, check, then ``ClientSession._engine_login``) while the
+        route stays current (at most a second; ``forget_logins`` drops them sooner)."""
+        engine = self.engine
+        secret = fast.route.secret.md5
+        if engine is None or secret is None or not fast.packet:
+            return
+        start = fast.start
+        fresh = min(LOGIN_MEMORY_SECONDS, self.routes.fresh_for(start.database, start.schema))
+        if fresh <= 0:
+            return
+        logins = engine.logins
+        if len(logins) >= 10_000:
+            logins.clear()
+        info = (fast.route, fast.pool, start)
+        logins[fast.packet] = (secret[3:].encode(), _monotonic() + fresh, info)
+
+    def forget_logins(self) -> None:
+        """Routes, settings or a destination changed: the engine's remembered logins go."""
+        if self.engine is not None:
+            self.engine.logins.clear()
 
     async def server_defaults(self, pool: Pool, search_path: str) -> dict[str, str]:
         """The server's ParameterStatus values (from the first login to it)."""
@@ -1349,6 +1411,7 @@ class PoolerServer:
     async def reload(self) -> str:
         """SIGHUP / RELOAD: re-read settings and routes; clients stay connected."""
         self.reloads += 1
+        self.forget_logins()
         if self.reload_config is not None:
             new = self.reload_config()
             if new is not None:

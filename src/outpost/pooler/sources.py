@@ -242,6 +242,7 @@ class StoreRoutes(RouteSource):
         }
         self._version = version
         self._checked_at = self.clock()
+        self.changed()
 
     def _maybe_reload(self) -> None:
         now = self.clock()
@@ -275,6 +276,9 @@ class StoreRoutes(RouteSource):
         if entry.source is None:
             return entry.route
         return WOULD_BLOCK  # the destination password comes from a credential source
+
+    def fresh_for(self, database: str, schema: str) -> float:
+        return max(0.0, self._checked_at + self.recheck_seconds - self.clock())
 
     async def lookup(self, database: str, schema: str) -> Route | None:
         found = self.lookup_nowait(database, schema)
@@ -591,9 +595,14 @@ class TableRoutes(RouteSource):
             found.append(Route(str(row[0]), str(row[1]), user, secret, destination, "table"))
         return found
 
+    def fresh_for(self, database: str, schema: str) -> float:
+        cached = self._cache.get((database, schema))
+        return 0.0 if cached is None else max(0.0, cached[0] - self.clock())
+
     async def reload(self) -> None:
         self._cache.clear()
         self._plain.clear()
+        self.changed()
 
     async def close(self) -> None:
         await self._drop_connection()
@@ -607,6 +616,8 @@ class ChainedRoutes(RouteSource):
 
     def __init__(self, sources: Sequence[RouteSource]) -> None:
         self.sources = list(sources)
+        for source in self.sources:
+            source.on_change = self.changed
 
     async def lookup(self, database: str, schema: str) -> Route | None:
         for source in self.sources:
@@ -621,6 +632,14 @@ class ChainedRoutes(RouteSource):
             if route is not None:  # a route, or WOULD_BLOCK: ``lookup`` asks again
                 return route
         return None
+
+    def fresh_for(self, database: str, schema: str) -> float:
+        fresh = math.inf
+        for source in self.sources:  # as long as the first that answers, and those before it
+            fresh = min(fresh, source.fresh_for(database, schema))
+            if source.lookup_nowait(database, schema) is not None:
+                break
+        return fresh
 
     async def routes(self) -> list[Route]:
         seen: dict[tuple[str, str], Route] = {}
