@@ -1034,13 +1034,20 @@ static int md5_answer_matches(PyObject *secret, const char *salt, const char *bo
     return !diff;
 }
 
+/* The login buffer is not kept: most clients never need one again (idle memory). */
+static void login_forget_buffer(LinkObject *l) {
+    PyMem_Free(l->part);
+    l->part = NULL;
+    l->part_len = l->part_cap = 0;
+}
+
 /* The login ended here: tell the owner (info, message kind, 1 matched / 0 not / -1 a bad
  * length, the bytes after the message: REST, or none when NULL). */
 static int login_done(LinkObject *l, int kind, int outcome, PyObject *rest) {
     PyObject *with = l->login_with;
     l->login_with = NULL;
     l->login = 0;
-    l->part_len = 0;
+    login_forget_buffer(l); /* (REST is a copy) */
     PyObject *r = NULL;
     PyObject *b = rest != NULL ? Py_NewRef(rest) : PyBytes_FromStringAndSize(NULL, 0);
     PyObject *k = PyLong_FromLong(kind), *o = PyLong_FromLong(outcome);
@@ -1143,7 +1150,7 @@ static int login_dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
         return rc;
     }
     if (l->closed) {
-        l->part_len = 0;
+        login_forget_buffer(l);
         return 0;
     }
     if (pos) /* keep the unfinished message */
@@ -1154,8 +1161,18 @@ static int login_dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
 to_python:
     l->login = 0;
     Py_CLEAR(l->login_with);
-    l->part_len = 0; /* (the bytes stay where they are until the call has copied them) */
-    return call_on_data(l, buf + pos, len - pos);
+    {
+        PyObject *b = PyBytes_FromStringAndSize(buf + pos, len - pos);
+        login_forget_buffer(l);
+        if (b == NULL)
+            return -1;
+        PyObject *r = PyBytes_GET_SIZE(b) ? call1(l->owner, s_on_data, b) : Py_NewRef(Py_None);
+        Py_DECREF(b);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        return 0;
+    }
 }
 
 static int dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
