@@ -128,11 +128,10 @@ class _Startup:
     """What a StartupMessage says, worked out once per distinct packet: a client program sends
     the same bytes each time it connects, so its logins share one (``_startup_of``)."""
 
-    __slots__ = ("application_name", "database", "msg", "schema", "search_path", "tracked", "user")
+    __slots__ = ("application_name", "database", "schema", "search_path", "tracked", "user")
 
     def __init__(self, msg: p.StartupMessage) -> None:
         params = msg.params
-        self.msg = msg
         self.user = _intern(params["user"])
         self.database = _intern(params.get("database") or self.user)
         self.application_name = _intern(params.get("application_name", ""))
@@ -358,7 +357,11 @@ class ClientSession(p.FramedProtocol):
         self.peer = peer
         srv = self.srv
         self._arrived()
-        if srv.client_count <= srv.config.max_client_conn and not srv.tls_required:
+        if (
+            engine.logins
+            and srv.client_count <= srv.config.max_client_conn
+            and not srv.tls_required
+        ):
             self.link.login = 1  # the engine reads the startup packet (Engine.logins)
         self.link.read_now()  # a client sends its first packet with its connect
 
