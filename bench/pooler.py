@@ -13,8 +13,9 @@ client auth from a verifier, trust to the server), on a throwaway database initi
 - ``1000-clients``: pgbench -S with 1,000 clients sharing the 20 server connections
 - ``idle-memory``: RSS of the pooler process before/after opening N idle client connections
 
-and prints TPS, average and p99 latency, the pooler's CPU per transaction and the
-Outpost/pgbouncer ratio (a table, or JSON with --json). Each pgbench scenario runs ``--rounds``
+and prints TPS, average and p99 latency, the pooler's CPU per transaction (and, behind each
+pooler, what PostgreSQL's backends and pgbench spent per transaction) and the Outpost/pgbouncer
+ratio (a table, or JSON with --json). Each pgbench scenario runs ``--rounds``
 times, the targets taking turns (pgbouncer first in odd rounds, Outpost first in even ones); the
 table shows the medians and the lowest and highest of the per-round ratios, since a single
 10-second run on a small machine can be off by 20%. Never part of the test run.
@@ -208,9 +209,22 @@ def pgbench(target: Target, tmp: Path, args: list[str], duration: int) -> dict[s
     env = {**os.environ}
     if target.password:
         env["PGPASSWORD"] = target.password
+    import resource
+
     cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
+    server_before = postgres_cpu()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=logdir)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_after = postgres_cpu()
     cpu = cpu_seconds(target.pid) - cpu_before if target.pid else None
+    client_cpu = (children.ru_utime + children.ru_stime) - (
+        children_before.ru_utime + children_before.ru_stime
+    )
+    # (backends that lived through the run: behind a pooler, its server connections)
+    server_cpu = sum(
+        t - server_before[pid] for pid, t in server_after.items() if pid in server_before
+    )
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:120]}
     tps = 0.0
@@ -239,6 +253,8 @@ def pgbench(target: Target, tmp: Path, args: list[str], duration: int) -> dict[s
     }
     if cpu is not None and processed:
         out["pooler_cpu_us_per_tx"] = round(cpu * 1e6 / processed, 1)
+        out["server_cpu_us_per_tx"] = round(server_cpu * 1e6 / processed, 1)
+        out["pgbench_cpu_us_per_tx"] = round(client_cpu * 1e6 / processed, 1)
     return out
 
 
@@ -246,6 +262,22 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of PID (the pooler process)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu() -> dict[int, float]:
+    """CPU seconds of each PostgreSQL server process on this machine that we may read (empty
+    when the server runs elsewhere): what the backends spend per transaction behind a pooler."""
+    out: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            out[int(entry.name)] = cpu_seconds(int(entry.name))
+        except OSError:
+            continue
+    return out
 
 
 def rss_kib(pid: int) -> int:
@@ -419,6 +451,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
         "avg ms",
         "p99 ms",
         "cpu µs/tx",
+        "server+pgbench µs/tx",
         "memory",
         "vs pgbouncer",
     )
@@ -440,11 +473,14 @@ def print_table(results: list[dict[str, Any]]) -> None:
                     low, high = row.get("ratio_range", (None, None))
                     if low is not None and low != high:
                         ratio += f" ({low:.2f}-{high:.2f})"
+            others = ""
+            if "server_cpu_us_per_tx" in data:
+                others = f"{data['server_cpu_us_per_tx']}+{data['pgbench_cpu_us_per_tx']}"
             if "error" in data:
-                table.add_row(scenario, name, "error: " + data["error"], "", "", "", "", "")
+                table.add_row(scenario, name, "error: " + data["error"], "", "", "", "", "", "")
             elif scenario == "idle-memory":
                 memory = f"{data['bytes_per_client']} B/client"
-                table.add_row(scenario, name, "", "", "", "", memory, ratio)
+                table.add_row(scenario, name, "", "", "", "", "", memory, ratio)
             else:
                 table.add_row(
                     scenario,
@@ -453,6 +489,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
                     f"{data.get('avg_ms', 0):.3f}",
                     f"{data.get('p99_ms', 0):.3f}",
                     str(data.get("pooler_cpu_us_per_tx", "")),
+                    others,
                     "",
                     ratio,
                 )
