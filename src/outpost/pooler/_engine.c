@@ -1095,13 +1095,15 @@ static int login_dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
             PyObject *key = PyBytes_FromStringAndSize(buf + pos + 4, plen - 4);
             if (key == NULL)
                 return -1;
-            PyObject *with = PyDict_GetItemWithError(e->logins, key); /* borrowed */
+            PyObject *with = PyDict_GetItemWithError(e->logins, key);
             Py_DECREF(key);
             if (with == NULL) {
                 if (PyErr_Occurred())
                     return -1;
                 goto to_python;
             }
+            Py_INCREF(with); /* ours now, whatever Python does to Engine.logins meanwhile */
+            Py_XSETREF(l->login_with, with);
             if (!PyTuple_Check(with) || PyTuple_GET_SIZE(with) != 3 ||
                 !PyBytes_Check(PyTuple_GET_ITEM(with, 0)) ||
                 !PyFloat_Check(PyTuple_GET_ITEM(with, 1)) ||
@@ -1111,8 +1113,6 @@ static int login_dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
             if (engine_salt(e, request + 9) < 0)
                 return -1;
             memcpy(l->salt, request + 9, 4);
-            Py_INCREF(with);
-            Py_XSETREF(l->login_with, with);
             l->login = LOGIN_MD5;
             pos += plen;
             if (link_out(l, request, 13) < 0)

@@ -242,7 +242,6 @@ class StoreRoutes(RouteSource):
         }
         self._version = version
         self._checked_at = self.clock()
-        self.changed()
 
     def _maybe_reload(self) -> None:
         now = self.clock()
@@ -251,6 +250,7 @@ class StoreRoutes(RouteSource):
         self._checked_at = now
         if self._applied_index() != self._version:
             self._load()
+            self.changed()
 
     def _with_password(self, entry: _StoreEntry) -> Route:
         assert entry.route is not None and entry.source is not None and entry.context is not None
@@ -300,6 +300,7 @@ class StoreRoutes(RouteSource):
 
     async def reload(self) -> None:
         await asyncio.to_thread(self._load)
+        self.changed()  # (here, on the loop: not from the thread that read the store)
 
     async def close(self) -> None:
         if self._db is not None:
