@@ -4,6 +4,10 @@ a server restarted mid-query."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import os
 import socket
 import struct
 import threading
@@ -23,7 +27,11 @@ from tests.integration.test_pooler_support import (
     PASSWORD,
     USER,
     TenantDb,
+    error_of,
+    raw_connect,
+    read_messages_until,
     running_pooler,
+    startup_bytes,
     tenant_db,  # noqa: F401 - fixture
 )
 
@@ -81,14 +89,16 @@ def test_md5_client_auth(tenant_db: TenantDb) -> None:  # noqa: F811
             psycopg.connect(**_conninfo(pooler.port, password="wrong"))
 
 
-def test_md5_logins_the_engine_runs_follow_route_changes_at_once(
+@pytest.mark.parametrize("auth", ["md5", "scram-sha-256"])
+def test_logins_the_engine_runs_follow_route_changes_at_once(
     tenant_db: TenantDb,  # noqa: F811
+    auth: str,
 ) -> None:
-    """After a first md5 login the engine answers the next ones with the same startup packet
-    itself: they work, a wrong password gets the same error, and a changed or removed route
-    counts from the next login on, not a second later."""
+    """After a first md5 or SCRAM login the engine answers the next ones with the same startup
+    packet itself: they work, a wrong password gets the same error, and a changed or removed
+    route counts from the next login on, not a second later."""
     routes = StaticRoutes(tenant_db.routes())
-    config = PoolerConfig(client_auth="md5")
+    config = PoolerConfig(client_auth=auth)
     with running_pooler(config, routes) as pooler:
         assert pooler.server is not None and pooler.server.engine is not None
         logins = pooler.server.engine.logins
@@ -112,6 +122,80 @@ def test_md5_logins_the_engine_runs_follow_route_changes_at_once(
         routes.replace([])
         with pytest.raises(psycopg.OperationalError, match='no route for database "app"'):
             psycopg.connect(**_conninfo(pooler.port, password="new-pw"))
+
+
+def _scram_login(
+    port: int,
+    password: str = PASSWORD,
+    *,
+    gs2: str = "n,,",
+    first_extra: str = "",
+    final_extra: str = "",
+) -> list[tuple[bytes, bytes]]:
+    """A SCRAM login over a raw socket, with the client-first and client-final in the shape
+    given (RFC 5802 allows an authzid and extensions that libpq never sends); the messages
+    after the proof, the server's signature checked."""
+    with raw_connect(port) as sock:
+        sock.sendall(startup_bytes(user=USER, database="app"))
+        [(kind, body)] = read_messages_until(sock, b"R")
+        assert (kind, body[:4]) == (b"R", struct.pack("!I", 10))
+        bare = f"n={USER},r={base64.b64encode(os.urandom(18)).decode()}{first_extra}"
+        first = (gs2 + bare).encode()
+        initial = b"SCRAM-SHA-256\0" + struct.pack("!I", len(first)) + first
+        sock.sendall(b"p" + struct.pack("!I", len(initial) + 4) + initial)
+        messages = read_messages_until(sock, b"RE")
+        if messages[-1][0] == b"E":
+            return messages
+        server_first = messages[-1][1][4:].decode()
+        attrs = dict(item.split("=", 1) for item in server_first.split(","))
+        salted = hashlib.pbkdf2_hmac(
+            "sha256", password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"])
+        )
+        client_key = hmac.digest(salted, b"Client Key", "sha256")
+        binding = base64.b64encode(gs2.encode()).decode()
+        without_proof = f"c={binding},r={attrs['r']}{final_extra}"
+        auth_message = f"{bare},{server_first},{without_proof}".encode()
+        signature = hmac.digest(hashlib.sha256(client_key).digest(), auth_message, "sha256")
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        final = f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+        sock.sendall(b"p" + struct.pack("!I", len(final) + 4) + final)
+        messages = read_messages_until(sock, b"ZE")
+        if messages[0][0] == b"R":
+            server_key = hmac.digest(salted, b"Server Key", "sha256")
+            expected = hmac.digest(server_key, auth_message, "sha256")
+            assert messages[0][1] == struct.pack("!I", 12) + b"v=" + base64.b64encode(expected)
+        return messages
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {},  # libpq's: the engine runs it
+        {"gs2": "y,,"},  # a client that could bind a channel, thinking the server cannot
+        {"gs2": f"n,a={USER},"},  # an authzid: Python takes it on at client-first
+        {"first_extra": ",x=extension"},  # the same
+        {"final_extra": ",x=extension"},  # Python takes it on at client-final
+    ],
+)
+def test_scram_logins_in_every_shape_the_rfc_allows(
+    tenant_db: TenantDb,  # noqa: F811
+    shape: dict[str, str],
+) -> None:
+    """Once the engine runs a startup packet's SCRAM logins, a client whose messages it leaves
+    to Python (ScramServer takes the exchange on where it is) logs in, or is refused, the same."""
+    with running_pooler(PoolerConfig(), StaticRoutes(tenant_db.routes())) as pooler:
+        assert pooler.server is not None and pooler.server.engine is not None
+        for _ in range(2):  # (the first learns the server's settings, the second is remembered)
+            assert _scram_login(pooler.port)[-1][0] == b"Z"
+        assert len(pooler.server.engine.logins) == 1
+        for _ in range(2):
+            messages = _scram_login(pooler.port, **shape)
+            # SASLFinal (its signature checked), AuthenticationOk, ..., BackendKeyData, ready
+            assert messages[1] == (b"R", struct.pack("!I", 0))
+            assert [kind for kind, _ in messages][-2:] == [b"K", b"Z"]
+        refused = error_of(_scram_login(pooler.port, "wrong", **shape))
+        assert refused["C"] == "28P01"
+        assert refused["M"] == f'password authentication failed for user "{USER}"'
 
 
 def test_perseus_scrypt_route_needs_tls_for_its_cleartext_password(

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scramp import ScramClient
 
 from outpost.pooler._engine import (
     HIGH_WATER,
@@ -27,6 +28,8 @@ from outpost.pooler._engine import (
     accept_socket,
     mentions_keyword,
 )
+from outpost.pooler.auth import ScramServer
+from outpost.pooler.passwords import scram_verifier
 
 
 def msg(kind: bytes, body: bytes = b"") -> bytes:
@@ -56,6 +59,7 @@ class Owner:
         self.terminated = 0
         self.lost: list[object] = []
         self.logins: list[tuple[object, int, int, bytes]] = []
+        self.scram_logins: list[tuple[object, int, bytes, object]] = []
         self.link: Link | None = None
 
     def _on_data(self, data: bytes) -> None:
@@ -90,6 +94,9 @@ class Owner:
 
     def _engine_login(self, info: object, kind: int, outcome: int, rest: bytes) -> None:
         self.logins.append((info, kind, outcome, rest))
+
+    def _engine_scram_login(self, info: object, outcome: int, data: bytes, extra: object) -> None:
+        self.scram_logins.append((info, outcome, data, extra))
 
 
 class Rig:
@@ -447,6 +454,140 @@ def test_an_expired_login_goes_to_python(rig: Rig) -> None:
     app.sendall(startup())
     rig.pump(lambda: bool(owner.data))
     assert b"".join(owner.data) == startup() and owner.logins == []
+
+
+SCRAM_PASSWORD = "scram-pw"
+SCRAM_VERIFIER = scram_verifier(SCRAM_PASSWORD)
+SASL_REQUEST = b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0"
+
+
+def scram_logging_in(rig: Rig) -> tuple[Owner, Link, socket.socket]:
+    owner, client, app = rig.client()
+    secret = ScramServer("app_a", SCRAM_VERIFIER).engine_secret
+    rig.engine.logins[STARTUP] = (secret, time.monotonic() + 60, "info")
+    client.login = 1
+    return owner, client, app
+
+
+def read_message(app: socket.socket, rig: Rig) -> bytes:
+    head = recv_exactly(app, 5, rig)
+    return head + recv_exactly(app, struct.unpack("!I", head[1:])[0] - 4, rig)
+
+
+def sasl_initial(first: str, mechanism: bytes = b"SCRAM-SHA-256") -> bytes:
+    data = first.encode()
+    return msg(b"p", mechanism + b"\0" + struct.pack("!I", len(data)) + data)
+
+
+def scram_to_final(
+    rig: Rig, app: socket.socket, password: str = SCRAM_PASSWORD
+) -> tuple[ScramClient, str, str]:
+    """Startup, AuthenticationSASL, client-first, server-first: (the client, client-first,
+    server-first)."""
+    client = ScramClient(["SCRAM-SHA-256"], "app_a", password)
+    app.sendall(startup())
+    assert read_message(app, rig) == SASL_REQUEST
+    first = client.get_client_first()
+    app.sendall(sasl_initial(first))
+    server_first = read_message(app, rig)
+    assert server_first[:9] == b"R" + struct.pack("!II", len(server_first) - 1, 11)
+    client.set_server_first(server_first[9:].decode())
+    return client, first, server_first[9:].decode()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_the_engine_runs_a_remembered_scram_login(rig: Rig, chunk: int) -> None:
+    """The startup packet Python remembered with a SCRAM secret gets AuthenticationSASL, the
+    client-first a server-first with the client's nonce and a fresh one of the engine's, and a
+    right proof the server signature the client checks; Python hears once, with what came
+    after, however the bytes are cut."""
+    owner, client, app = scram_logging_in(rig)
+    scram = ScramClient(["SCRAM-SHA-256"], "app_a", SCRAM_PASSWORD)
+    first = scram.get_client_first()
+    sent = SSL_REQUEST + startup() + sasl_initial(first)
+    for i in range(0, len(sent), chunk):
+        app.sendall(sent[i : i + chunk])
+        rig.engine.poll()
+    assert recv_exactly(app, 1, rig) == b"N"
+    assert read_message(app, rig) == SASL_REQUEST
+    server_first = read_message(app, rig)[9:].decode()
+    scram.set_server_first(server_first)
+    assert server_first.startswith("r=" + first.split(",r=")[1]) and ",s=" in server_first
+    answer = msg(b"p", scram.get_client_final().encode()) + query("select 1")
+    for i in range(0, len(answer), chunk):
+        app.sendall(answer[i : i + chunk])
+        rig.engine.poll()
+    rig.pump(lambda: bool(owner.scram_logins))
+    info, outcome, final, rest = owner.scram_logins[0]
+    assert (info, outcome) == ("info", 1)
+    assert final[:9] == b"R" + struct.pack("!II", len(final) - 1, 12)
+    scram.set_server_final(final[9:].decode())  # (raises when the signature is not the server's)
+    assert isinstance(rest, bytes)
+    rig.pump(lambda: len(rest + b"".join(owner.data)) >= len(query("select 1")))
+    assert rest + b"".join(owner.data) == query("select 1")
+    assert client.login == 0 and owner.scram_logins[1:] == [] and owner.logins == []
+    # a second client gets another nonce
+    _owner2, _client2, app2 = scram_logging_in(rig)
+    assert scram_to_final(rig, app2)[2] != server_first
+
+
+def test_a_wrong_scram_proof_is_refused_in_the_engine(rig: Rig) -> None:
+    owner, _client, app = scram_logging_in(rig)
+    scram, _, _ = scram_to_final(rig, app, password="not-the-password")
+    app.sendall(msg(b"p", scram.get_client_final().encode()))
+    rig.pump(lambda: bool(owner.scram_logins))
+    assert owner.scram_logins == [("info", 0, b"", None)]
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        sasl_initial("p=tls-server-end-point,,n=,r=abc"),  # channel binding
+        sasl_initial("n,a=app_a,n=,r=abc"),  # an authzid
+        sasl_initial("n,,n=,r=abc,x=extension"),
+        sasl_initial("n,,n=,r=abc", mechanism=b"SCRAM-SHA-256-PLUS"),
+        msg(b"p", b"SCRAM-SHA-256\0" + struct.pack("!I", 5) + b"n,,n=,r=abc"),  # lengths differ
+        msg(b"Q", b"select 1\0"),
+        b"p" + struct.pack("!I", 1_000_000),  # oversized
+    ],
+)
+def test_a_client_first_in_another_shape_goes_to_python_whole(rig: Rig, first: bytes) -> None:
+    """Python's ScramServer takes the exchange on from the message (its errors, its answers)."""
+    owner, client, app = scram_logging_in(rig)
+    app.sendall(startup())
+    assert read_message(app, rig) == SASL_REQUEST
+    app.sendall(first)
+    rig.pump(lambda: bool(owner.scram_logins))
+    assert owner.scram_logins == [("info", 2, first, None)]
+    assert client.login == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda final: final.replace(",p=", ",x=extension,p="),
+        lambda final: final.replace("c=biws", "c=eSws"),  # another gs2 header
+        lambda final: final.replace(",r=", ",r=x"),  # another nonce
+        lambda final: final[:-1],  # a proof cut short
+        lambda final: final.replace("=", "", 1) if final.endswith("=") else final + "!",
+    ],
+)
+def test_a_client_final_in_another_shape_goes_to_python_with_the_exchange(
+    rig: Rig, change: Callable[[str], str]
+) -> None:
+    owner, _client, app = scram_logging_in(rig)
+    scram, first, server_first = scram_to_final(rig, app)
+    final = msg(b"p", change(scram.get_client_final()).encode())
+    app.sendall(final)
+    rig.pump(lambda: bool(owner.scram_logins))
+    [(info, outcome, data, extra)] = owner.scram_logins
+    assert (info, outcome, data) == ("info", 3, final)
+    assert extra == (
+        first[3:].encode(),
+        b"n,,",
+        server_first.split(",")[0][2:].encode(),
+        server_first.encode(),
+    )
 
 
 def test_a_slow_reader_throttles_the_sender_and_nothing_is_lost(rig: Rig) -> None:

@@ -26,7 +26,10 @@
  *                 _engine_bad_length(kind, length)
  *   both:         connection_lost(exc)       via loop.call_soon, once (raw mode only)
  *   logging in:   _engine_login(info, kind, outcome, rest)
- *                                            a login the engine took on (see below) ended
+ *                                            an md5 login the engine took on (see below) ended
+ *                 _engine_scram_login(info, outcome, data, extra)
+ *                                            a SCRAM login the engine took on ended, or is
+ *                                            Python's from here on (see scram_done)
  *
  * The server Link keeps what is outstanding: Syncs/Queries not yet answered by ReadyForQuery
  * ('syncs'), an extended-protocol message since the last Sync ('unsynced'), the transaction
@@ -43,11 +46,17 @@
  * _on_data in Python, which uses the same PoolCore.
  *
  * Logins: a client link with 'login' set (one the engine accepted) has its startup packet read
- * here. One that Python put in Engine.logins (a startup packet it logged in with md5 before,
- * with the route's md5 secret and how long that stays current) gets its md5 request and has
- * its answer checked here; Python hears once, when the answer came (_engine_login). Anything
- * else (a packet not there or expired, a malformed one) goes to Python's _on_data as if the
- * engine had not looked; an SSLRequest or GSSENCRequest is answered 'N' (no TLS on this path).
+ * here. One that Python put in Engine.logins (a startup packet it logged in with before, with
+ * the route's secret and how long that stays current) has its password exchange run here:
+ * md5 (the request with a salt, the answer checked: Python hears once, from _engine_login) or
+ * SCRAM-SHA-256 (AuthenticationSASL, the server-first with a nonce, the proof checked and the
+ * server signature sent: Python hears once, from _engine_scram_login). The engine handles the
+ * messages libpq and the usual drivers send; a SCRAM message in any other shape (channel
+ * binding, extensions, another mechanism, a malformed one) is handed to Python with what the
+ * exchange has so far, and Python's ScramServer goes on from there, so every error is the one
+ * the Python path gives. Anything else (a packet not there or expired, a malformed one) goes
+ * to Python's _on_data as if the engine had not looked; an SSLRequest or GSSENCRequest is
+ * answered 'N' (no TLS on this path).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -100,9 +109,11 @@ struct EngineObject {
     int epfd;
     PyObject *call_soon; /* loop.call_soon */
     PyObject *links;     /* dict fd -> Link: keeps every registered link alive */
-    PyObject *logins;    /* dict startup packet -> (md5 secret, valid until, info) */
+    PyObject *logins;    /* dict startup packet -> (secret, valid until, info); the secret:
+                            md5: the hex digits (bytes); SCRAM: (StoredKey, ServerKey,
+                            b",s=<salt>,i=<iterations>") */
     char *rbuf;
-    char rand[256]; /* getrandom(2) bytes for md5 salts, used from the end */
+    char rand[256]; /* getrandom(2) bytes for md5 salts and SCRAM nonces, used from the end */
     int rand_left;
 };
 
@@ -137,9 +148,11 @@ struct LinkObject {
     uint32_t events;
     int closing;
     int closed;
-    /* a login the engine runs: LOGIN_STARTUP, then LOGIN_MD5 with what Engine.logins had */
+    /* a login the engine runs: LOGIN_STARTUP, then LOGIN_MD5 or LOGIN_SCRAM_FIRST and
+       LOGIN_SCRAM_FINAL, with what Engine.logins had */
     int login;
     PyObject *login_with;
+    PyObject *scram; /* SCRAM so far: (client-first-bare, gs2 header, nonce, server-first) */
     char salt[4];
     /* output (raw mode) */
     char *out;
@@ -162,9 +175,11 @@ static PyTypeObject EngineType;
 
 static PyObject *s_on_data, *s_engine_message, *s_engine_terminate, *s_engine_bad_length,
     *s_engine_release, *s_on_ready, *s_engine_param, *s_unanswered, *s_connection_lost,
-    *s_write, *s_engine_login, *s_hexdigest;
+    *s_write, *s_engine_login, *s_engine_scram_login, *s_hexdigest, *s_sha256, *s_digest;
 static PyObject *s_usedforsecurity; /* ("usedforsecurity",): md5 salts passwords, as PostgreSQL */
 static PyObject *md5_new; /* hashlib.md5 */
+static PyObject *sha256_new; /* hashlib.sha256 */
+static PyObject *hmac_digest; /* hmac.digest (OpenSSL's one-shot HMAC) */
 
 /* --- small helpers ----------------------------------------------------------------------------- */
 
@@ -971,14 +986,17 @@ static int scan_server(LinkObject *s, LinkObject *c, const char *data, Py_ssize_
 
 #define LOGIN_STARTUP 1
 #define LOGIN_MD5 2
+#define LOGIN_SCRAM_FIRST 3
+#define LOGIN_SCRAM_FINAL 4
 #define SSL_REQUEST_CODE 80877103u
 #define GSSENC_REQUEST_CODE 80877104u
 #define MAX_STARTUP_LENGTH 10000 /* protocol.MAX_STARTUP_LENGTH */
 #define MAX_AUTH_MESSAGE 8192    /* auth.MAX_AUTH_MESSAGE */
 
-/* Four random bytes for an md5 salt, from a batch read with getrandom(2). */
-static int engine_salt(EngineObject *e, char *out) {
-    if (e->rand_left < 4) {
+/* N (at most 64) random bytes, for an md5 salt or a SCRAM nonce, from a batch read with
+ * getrandom(2). */
+static int engine_random(EngineObject *e, char *out, int n) {
+    if (e->rand_left < n) {
         ssize_t r;
         do {
             r = getrandom(e->rand, sizeof(e->rand), 0);
@@ -989,8 +1007,8 @@ static int engine_salt(EngineObject *e, char *out) {
         }
         e->rand_left = (int)sizeof(e->rand);
     }
-    e->rand_left -= 4;
-    memcpy(out, e->rand + e->rand_left, 4);
+    e->rand_left -= n;
+    memcpy(out, e->rand + e->rand_left, n);
     return 0;
 }
 
@@ -1065,6 +1083,233 @@ static int login_done(LinkObject *l, int kind, int outcome, PyObject *rest) {
     return 0;
 }
 
+/* --- SCRAM-SHA-256 logins (auth.ScramServer is the reference: see the comment at the top) -- */
+
+static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/* Standard base64 with padding; OUT has room for 4 * ((N + 2) / 3) bytes. */
+static Py_ssize_t b64_encode(const unsigned char *in, Py_ssize_t n, char *out) {
+    Py_ssize_t o = 0, i = 0;
+    for (; i + 2 < n; i += 3) {
+        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8 | in[i + 2];
+        out[o++] = B64[v >> 18];
+        out[o++] = B64[(v >> 12) & 63];
+        out[o++] = B64[(v >> 6) & 63];
+        out[o++] = B64[v & 63];
+    }
+    if (i < n) {
+        uint32_t v = (uint32_t)in[i] << 16 | (i + 1 < n ? (uint32_t)in[i + 1] << 8 : 0);
+        out[o++] = B64[v >> 18];
+        out[o++] = B64[(v >> 12) & 63];
+        out[o++] = i + 1 < n ? B64[(v >> 6) & 63] : '=';
+        out[o++] = '=';
+    }
+    return o;
+}
+
+static int b64_value(char c) {
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '+')
+        return 62;
+    if (c == '/')
+        return 63;
+    return -1;
+}
+
+/* The 32 bytes whose canonical base64 is the 44 characters at IN; 0 when they are not that. */
+static int b64_decode32(const char *in, unsigned char *out) {
+    if (in[43] != '=')
+        return 0;
+    uint32_t v = 0;
+    int bits = 0, o = 0;
+    for (int i = 0; i < 43; i++) {
+        int d = b64_value(in[i]);
+        if (d < 0)
+            return 0;
+        v = v << 6 | (uint32_t)d;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            out[o++] = (unsigned char)(v >> bits);
+        }
+    }
+    return (v & ((1u << bits) - 1)) == 0; /* (the unused bits are zero) */
+}
+
+static int scram_char_ok(char c) { return c > ' ' && c < 127 && c != ','; }
+
+/* The SCRAM login ended here, or goes on in Python: _engine_scram_login(info, OUTCOME, DATA,
+ * EXTRA). 1: the proof matched, DATA is the AuthenticationSASLFinal to send, EXTRA what the
+ * client sent after its message; 0: it did not match; 2: Python takes the exchange on after
+ * AuthenticationSASL, DATA is what the client sent since; 3: Python takes it on after
+ * server-first, DATA as for 2, EXTRA the exchange so far (Link.scram). */
+static int scram_done(LinkObject *l, int outcome, PyObject *data, PyObject *extra) {
+    PyObject *with = l->login_with, *state = l->scram;
+    l->login_with = NULL;
+    l->scram = NULL;
+    l->login = 0;
+    login_forget_buffer(l); /* (DATA is a copy) */
+    PyObject *r = NULL, *o = PyLong_FromLong(outcome);
+    if (o != NULL) {
+        PyObject *args[] = {l->owner, PyTuple_GET_ITEM(with, 2), o, data,
+                            extra != NULL ? extra : (outcome == 3 ? state : Py_None)};
+        r = PyObject_VectorcallMethod(s_engine_scram_login, args, 5, NULL);
+        Py_DECREF(o);
+    }
+    Py_DECREF(with);
+    Py_XDECREF(state);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The body of a SASLInitialResponse in the shape libpq sends ("SCRAM-SHA-256", then
+ * "n,,n=<user>,r=<nonce>" or "y,,..."): answer with server-first and keep the exchange in
+ * L->scram. 1 done, 0 another shape (Python's), -1 an exception. */
+static int scram_first(LinkObject *l, const char *body, Py_ssize_t blen) {
+    static const char mechanism[] = "SCRAM-SHA-256"; /* (with its NUL: 14 bytes) */
+    if (blen < 18 || memcmp(body, mechanism, sizeof(mechanism)) != 0)
+        return 0;
+    Py_ssize_t dlen = (Py_ssize_t)be32(body + 14);
+    const char *d = body + 18;
+    if (dlen != blen - 18 || dlen < 9 || (d[0] != 'n' && d[0] != 'y') || d[1] != ',' ||
+        d[2] != ',' || d[3] != 'n' || d[4] != '=')
+        return 0;
+    const char *bare = d + 3;
+    Py_ssize_t bare_len = dlen - 3, i = 2;
+    while (i < bare_len && bare[i] != ',') {
+        if (!scram_char_ok(bare[i]))
+            return 0;
+        i++;
+    }
+    if (i + 4 > bare_len || memcmp(bare + i, ",r=", 3) != 0)
+        return 0;
+    const char *cnonce = bare + i + 3;
+    Py_ssize_t cnonce_len = bare_len - i - 3;
+    for (Py_ssize_t j = 0; j < cnonce_len; j++)
+        if (!scram_char_ok(cnonce[j]))
+            return 0;
+    PyObject *tail = PyTuple_GET_ITEM(PyTuple_GET_ITEM(l->login_with, 0), 2);
+    Py_ssize_t tail_len = PyBytes_GET_SIZE(tail);
+    unsigned char raw[18];
+    if (engine_random(l->engine, (char *)raw, 18) < 0)
+        return -1;
+    /* server-first: r=<client nonce><server nonce>,s=<salt>,i=<iterations> */
+    Py_ssize_t nonce_len = cnonce_len + 24, sf_len = 2 + nonce_len + tail_len;
+    PyObject *nonce = PyBytes_FromStringAndSize(NULL, nonce_len);
+    PyObject *sf = PyBytes_FromStringAndSize(NULL, sf_len);
+    PyObject *state = NULL;
+    if (nonce != NULL && sf != NULL) {
+        char *n = PyBytes_AS_STRING(nonce), *s = PyBytes_AS_STRING(sf);
+        memcpy(n, cnonce, cnonce_len);
+        b64_encode(raw, 18, n + cnonce_len);
+        s[0] = 'r';
+        s[1] = '=';
+        memcpy(s + 2, n, nonce_len);
+        memcpy(s + 2 + nonce_len, PyBytes_AS_STRING(tail), tail_len);
+        state = Py_BuildValue("(y#y#OO)", bare, bare_len, d, (Py_ssize_t)3, nonce, sf);
+    }
+    Py_XDECREF(nonce);
+    if (state == NULL) {
+        Py_XDECREF(sf);
+        return -1;
+    }
+    Py_XSETREF(l->scram, state);
+    /* AuthenticationSASLContinue */
+    char head[9] = {'R', 0, 0, 0, 0, 0, 0, 0, 11};
+    uint32_t mlen = htonl((uint32_t)(8 + sf_len));
+    memcpy(head + 1, &mlen, 4);
+    int rc = link_out(l, head, 9);
+    if (rc == 0)
+        rc = link_out(l, PyBytes_AS_STRING(sf), sf_len);
+    Py_DECREF(sf);
+    return rc < 0 ? -1 : 1;
+}
+
+/* HMAC-SHA-256(KEY, MSG) into OUT (32 bytes); -1 with an exception. */
+static int scram_hmac(PyObject *key, PyObject *msg, unsigned char *out) {
+    PyObject *args[] = {key, msg, s_sha256};
+    PyObject *d = PyObject_Vectorcall(hmac_digest, args, 3, NULL);
+    if (d == NULL)
+        return -1;
+    int ok = PyBytes_Check(d) && PyBytes_GET_SIZE(d) == 32;
+    if (ok)
+        memcpy(out, PyBytes_AS_STRING(d), 32);
+    Py_DECREF(d);
+    if (!ok)
+        PyErr_SetString(PyExc_RuntimeError, "hmac.digest gave no SHA-256 digest");
+    return ok ? 0 : -1;
+}
+
+/* The body of a SASLResponse in the shape libpq sends ("c=<gs2 header>,r=<nonce>,p=<proof>"):
+ * check the proof. 1 it matched (*FINAL: the AuthenticationSASLFinal), 0 it did not, 2 another
+ * shape (Python's), -1 an exception. */
+static int scram_final(LinkObject *l, const char *body, Py_ssize_t blen, PyObject **final) {
+    PyObject *bare = PyTuple_GET_ITEM(l->scram, 0), *gs2 = PyTuple_GET_ITEM(l->scram, 1),
+             *nonce = PyTuple_GET_ITEM(l->scram, 2), *sf = PyTuple_GET_ITEM(l->scram, 3);
+    PyObject *secret = PyTuple_GET_ITEM(l->login_with, 0);
+    const char *binding = PyBytes_AS_STRING(gs2)[0] == 'n' ? "biws" : "eSws";
+    Py_ssize_t nlen = PyBytes_GET_SIZE(nonce), without = 2 + 4 + 3 + nlen;
+    unsigned char proof[32], sig[32], key[32];
+    if (blen != without + 3 + 44 || memcmp(body, "c=", 2) != 0 || memcmp(body + 2, binding, 4) ||
+        memcmp(body + 6, ",r=", 3) != 0 || memcmp(body + 9, PyBytes_AS_STRING(nonce), nlen) ||
+        memcmp(body + without, ",p=", 3) != 0 || !b64_decode32(body + without + 3, proof))
+        return 2;
+    /* AuthMessage: client-first-bare,server-first,client-final-without-proof */
+    Py_ssize_t bl = PyBytes_GET_SIZE(bare), sl = PyBytes_GET_SIZE(sf);
+    PyObject *auth = PyBytes_FromStringAndSize(NULL, bl + 1 + sl + 1 + without);
+    if (auth == NULL)
+        return -1;
+    char *a = PyBytes_AS_STRING(auth);
+    memcpy(a, PyBytes_AS_STRING(bare), bl);
+    a[bl] = ',';
+    memcpy(a + bl + 1, PyBytes_AS_STRING(sf), sl);
+    a[bl + 1 + sl] = ',';
+    memcpy(a + bl + 2 + sl, body, without);
+    int rc = -1;
+    PyObject *stored = PyTuple_GET_ITEM(secret, 0);
+    if (scram_hmac(stored, auth, sig) < 0)
+        goto out;
+    for (int i = 0; i < 32; i++) /* ClientKey = proof XOR ClientSignature */
+        key[i] = proof[i] ^ sig[i];
+    PyObject *ck = PyBytes_FromStringAndSize((const char *)key, 32);
+    if (ck == NULL)
+        goto out;
+    PyObject *h = PyObject_CallOneArg(sha256_new, ck);
+    Py_DECREF(ck);
+    if (h == NULL)
+        goto out;
+    PyObject *hashed = PyObject_CallMethodNoArgs(h, s_digest);
+    Py_DECREF(h);
+    if (hashed == NULL)
+        goto out;
+    unsigned char acc = PyBytes_GET_SIZE(stored) != 32 || PyBytes_GET_SIZE(hashed) != 32;
+    if (!acc) /* it must hash to StoredKey: compared in constant time */
+        for (int i = 0; i < 32; i++)
+            acc |= (unsigned char)(PyBytes_AS_STRING(hashed)[i] ^ PyBytes_AS_STRING(stored)[i]);
+    Py_DECREF(hashed);
+    if (acc) {
+        rc = 0;
+        goto out;
+    }
+    if (scram_hmac(PyTuple_GET_ITEM(secret, 1), auth, sig) < 0) /* ServerSignature */
+        goto out;
+    /* AuthenticationSASLFinal: v=<server signature> */
+    char msg[55] = {'R', 0, 0, 0, 54, 0, 0, 0, 12, 'v', '='};
+    b64_encode(sig, 32, msg + 11);
+    *final = PyBytes_FromStringAndSize(msg, 55);
+    rc = *final == NULL ? -1 : 1;
+out:
+    Py_DECREF(auth);
+    return rc;
+}
+
 /* What a logging-in client sent (L->login set): see the comment at the top. */
 static int login_dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
     EngineObject *e = l->engine;
@@ -1105,12 +1350,28 @@ static int login_dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
             Py_INCREF(with); /* ours now, whatever Python does to Engine.logins meanwhile */
             Py_XSETREF(l->login_with, with);
             if (!PyTuple_Check(with) || PyTuple_GET_SIZE(with) != 3 ||
-                !PyBytes_Check(PyTuple_GET_ITEM(with, 0)) ||
                 !PyFloat_Check(PyTuple_GET_ITEM(with, 1)) ||
                 PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(with, 1)) <= now_mono())
                 goto to_python; /* expired: Python looks the route up again */
+            PyObject *secret = PyTuple_GET_ITEM(with, 0);
+            if (PyTuple_Check(secret)) { /* SCRAM: (StoredKey, ServerKey, server-first tail) */
+                if (PyTuple_GET_SIZE(secret) != 3 || !PyBytes_Check(PyTuple_GET_ITEM(secret, 0)) ||
+                    !PyBytes_Check(PyTuple_GET_ITEM(secret, 1)) ||
+                    !PyBytes_Check(PyTuple_GET_ITEM(secret, 2)))
+                    goto to_python;
+                static const char sasl[24] = {'R', 0,   0,   0,   23,  0,   0,   0,
+                                              10,  'S', 'C', 'R', 'A', 'M', '-', 'S',
+                                              'H', 'A', '-', '2', '5', '6', 0,   0};
+                l->login = LOGIN_SCRAM_FIRST;
+                pos += plen;
+                if (link_out(l, sasl, 24) < 0)
+                    return -1;
+                continue;
+            }
+            if (!PyBytes_Check(secret))
+                goto to_python;
             char request[13] = {'R', 0, 0, 0, 12, 0, 0, 0, 5};
-            if (engine_salt(e, request + 9) < 0)
+            if (engine_random(e, request + 9, 4) < 0)
                 return -1;
             memcpy(l->salt, request + 9, 4);
             l->login = LOGIN_MD5;
@@ -1119,11 +1380,47 @@ static int login_dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
                 return -1;
             continue;
         }
-        /* LOGIN_MD5: the answer */
         if (len - pos < 5)
             break;
         int kind = (unsigned char)buf[pos];
         uint32_t mlen = be32(buf + pos + 1);
+        if (l->login != LOGIN_MD5) { /* SCRAM: client-first, then client-final */
+            int first = l->login == LOGIN_SCRAM_FIRST, rc = 2;
+            if (kind == 'p' && mlen >= 4 && mlen <= MAX_AUTH_MESSAGE) {
+                if (len - pos < 1 + (Py_ssize_t)mlen)
+                    break;
+                PyObject *final = NULL;
+                rc = first ? scram_first(l, buf + pos + 5, (Py_ssize_t)mlen - 4)
+                           : scram_final(l, buf + pos + 5, (Py_ssize_t)mlen - 4, &final);
+                if (rc < 0)
+                    return -1;
+                if (first && rc == 1) {
+                    l->login = LOGIN_SCRAM_FINAL;
+                    pos += 1 + mlen;
+                    continue;
+                }
+                if (!first && rc != 2) { /* the proof matched (1) or not (0) */
+                    pos += 1 + mlen;
+                    PyObject *rest = PyBytes_FromStringAndSize(buf + pos, len - pos);
+                    if (rest == NULL) {
+                        Py_XDECREF(final);
+                        return -1;
+                    }
+                    rc = rc ? scram_done(l, 1, final, rest) : scram_done(l, 0, rest, NULL);
+                    Py_XDECREF(final);
+                    Py_DECREF(rest);
+                    return rc;
+                }
+            }
+            /* another shape: Python goes on from here, with the message */
+            PyObject *data = PyBytes_FromStringAndSize(buf + pos, len - pos);
+            if (data == NULL)
+                return -1;
+            rc = scram_done(l, first ? 2 : 3, data, NULL);
+            Py_DECREF(data);
+            return rc;
+        }
+        /* LOGIN_MD5: the answer */
         if (kind != 'p')
             return login_done(l, kind, 0, NULL);
         if (mlen < 4 || mlen > MAX_AUTH_MESSAGE) {
@@ -1151,6 +1448,7 @@ static int login_dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
     }
     if (l->closed) {
         login_forget_buffer(l);
+        Py_CLEAR(l->scram);
         return 0;
     }
     if (pos) /* keep the unfinished message */
@@ -1161,6 +1459,7 @@ static int login_dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
 to_python:
     l->login = 0;
     Py_CLEAR(l->login_with);
+    Py_CLEAR(l->scram);
     {
         PyObject *b = PyBytes_FromStringAndSize(buf + pos, len - pos);
         login_forget_buffer(l);
@@ -1246,6 +1545,7 @@ static int Link_traverse(LinkObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->core);
     Py_VISIT(self->state);
     Py_VISIT(self->login_with);
+    Py_VISIT(self->scram);
     for (Py_ssize_t i = 0; i < self->exp_len; i++)
         Py_VISIT(self->exp[(self->exp_head + i) % self->exp_cap].name);
     return 0;
@@ -1259,6 +1559,7 @@ static int Link_clear(LinkObject *self) {
     Py_CLEAR(self->core);
     Py_CLEAR(self->state);
     Py_CLEAR(self->login_with);
+    Py_CLEAR(self->scram);
     expect_clear(self);
     Py_CLEAR(self->engine);
     return 0;
@@ -1618,7 +1919,7 @@ static PyMemberDef Link_members[] = {
     {"holding", T_INT, offsetof(LinkObject, holding), 0,
      "client: bytes are held until a server connection is ready"},
     {"login", T_INT, offsetof(LinkObject, login), 0,
-     "client: the engine reads its startup packet (1) and may run its md5 login"},
+     "client: the engine reads its startup packet (1) and may run its md5 or SCRAM login"},
     {NULL},
 };
 
@@ -2113,15 +2414,26 @@ PyMODINIT_FUNC PyInit__engine(void) {
     INTERN(s_connection_lost, "connection_lost");
     INTERN(s_write, "write");
     INTERN(s_engine_login, "_engine_login");
+    INTERN(s_engine_scram_login, "_engine_scram_login");
     INTERN(s_hexdigest, "hexdigest");
+    INTERN(s_sha256, "sha256");
+    INTERN(s_digest, "digest");
     if ((s_usedforsecurity = Py_BuildValue("(s)", "usedforsecurity")) == NULL)
         return NULL;
     PyObject *hashlib = PyImport_ImportModule("hashlib");
     if (hashlib == NULL)
         return NULL;
     md5_new = PyObject_GetAttrString(hashlib, "md5");
+    sha256_new = PyObject_GetAttrString(hashlib, "sha256");
     Py_DECREF(hashlib);
-    if (md5_new == NULL)
+    if (md5_new == NULL || sha256_new == NULL)
+        return NULL;
+    PyObject *hmac = PyImport_ImportModule("hmac");
+    if (hmac == NULL)
+        return NULL;
+    hmac_digest = PyObject_GetAttrString(hmac, "digest");
+    Py_DECREF(hmac);
+    if (hmac_digest == NULL)
         return NULL;
     if (PyType_Ready(&PoolCoreType) < 0 || PyType_Ready(&LinkType) < 0 ||
         PyType_Ready(&EngineType) < 0)

@@ -39,9 +39,11 @@ class PoolCore:
     def set_waiters(self, waiters: list[object], /) -> None: ...
 
 class Engine:
-    #: startup packet -> (md5 secret's hex digits, valid until (monotonic), info): logins the
-    #: engine runs itself for links with ``login`` set; info goes back in ``_engine_login``
-    logins: dict[bytes, tuple[bytes, float, Any]]
+    #: startup packet -> (secret, valid until (monotonic), info): logins the engine runs itself
+    #: for links with ``login`` set; the secret is the md5 secret's hex digits or, for SCRAM,
+    #: (StoredKey, ServerKey, b",s=<salt>,i=<iterations>"); info goes back in
+    #: ``_engine_login`` (md5) or ``_engine_scram_login`` (SCRAM)
+    logins: dict[bytes, tuple[bytes | tuple[bytes, bytes, bytes], float, Any]]
     def __init__(self, call_soon: Callable[..., Any]) -> None: ...
     def fileno(self) -> int: ...
     def poll(self) -> None: ...

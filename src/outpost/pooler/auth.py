@@ -65,6 +65,7 @@ class _ScramKeys:
 
     __slots__ = (
         "client_mac",
+        "engine_secret",
         "iterations",
         "salt",
         "server_first_tail",
@@ -81,6 +82,8 @@ class _ScramKeys:
         self.server_first_tail = f",s={_b64encode(salt, newline=False).decode()},i={iterations}"
         self.client_mac = _Mac(stored_key)  # ClientSignature = HMAC(StoredKey, AuthMessage)
         self.server_mac = _Mac(server_key)  # ServerSignature = HMAC(ServerKey, AuthMessage)
+        #: what the engine runs a SCRAM login with (Engine.logins; see _engine.c)
+        self.engine_secret = (stored_key, server_key, self.server_first_tail.encode())
 
 
 #: Parsed SCRAM verifiers (every login of a route uses the same one); cleared when it grows.
@@ -306,6 +309,18 @@ class ScramServer:
         except PasswordFormatError:
             raise AuthFailed(user) from None
         self._bare = self._gs2_header = self._nonce = self._server_first = ""
+
+    @property
+    def engine_secret(self) -> tuple[bytes, bytes, bytes]:
+        """(StoredKey, ServerKey, ``,s=<salt>,i=<iterations>``): the engine's SCRAM logins."""
+        return self._keys.engine_secret
+
+    def resume(self, bare: bytes, gs2_header: bytes, nonce: bytes, server_first: bytes) -> None:
+        """Take on an exchange the engine began (it sent server-first): ``client_final`` next."""
+        self._bare = bare.decode()
+        self._gs2_header = gs2_header.decode()
+        self._nonce = nonce.decode()
+        self._server_first = server_first.decode()
 
     def client_first(self, kind: int, body: bytes) -> bytes:
         """The SASLInitialResponse (KIND, BODY) -> AuthenticationSASLContinue (server-first)."""

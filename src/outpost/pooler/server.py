@@ -61,8 +61,8 @@ log = logging.getLogger("outpost.pooler")
 ADMIN_DATABASES = ("outpost", "pgbouncer")
 #: How long a client may take from connecting to being logged in.
 LOGIN_TIMEOUT = 60.0
-#: How long the engine runs md5 logins for a startup packet on its own before the route is
-#: looked up again (``PoolerServer.remember_login``).
+#: How long the engine runs md5 and SCRAM logins for a startup packet on its own before the
+#: route is looked up again (``PoolerServer.remember_login``).
 LOGIN_MEMORY_SECONDS = 1.0
 #: Statements that only make sense on a connection the client keeps (refused in transaction mode).
 SESSION_ONLY = re.compile(
@@ -544,8 +544,7 @@ class ClientSession(p.FramedProtocol):
                 pool = fast.pool
                 assert pool.defaults is not None  # (checked by _start_fast; kept once known)
                 self._logged_in(fast.route, pool, fast.start, auth_final, pool.defaults)
-                if scram is None:
-                    self.srv.remember_login(fast)
+                self.srv.remember_login(fast)
                 return
         except Exception as exc:  # every failure ends the login with a reason
             self.fast = None
@@ -575,6 +574,44 @@ class ClientSession(p.FramedProtocol):
             self._logged_in(route, pool, start, b"", pool.defaults)
         except Exception as exc:  # every failure ends the login with a reason
             self._login_failed(exc)
+
+    def _engine_scram_login(
+        self,
+        info: tuple[Route, Pool, _Startup],
+        outcome: int,
+        data: bytes,
+        extra: bytes | tuple[bytes, bytes, bytes, bytes] | None,
+    ) -> None:
+        """The engine ran this client's SCRAM login (``PoolerServer.remember_login``): OUTCOME 1,
+        the proof matched (DATA: the AuthenticationSASLFinal to send, EXTRA: what came after);
+        0, it did not; 2 or 3, the client sent a message in a shape the engine leaves to
+        ScramServer (DATA, from that message on), after AuthenticationSASL (2) or after
+        server-first (3; EXTRA: client-first-bare, gs2 header, nonce and server-first)."""
+        route, pool, start = info
+        try:
+            self._take_startup(start)
+            if outcome == 0:
+                raise AuthFailed(self.user)
+            assert pool.defaults is not None  # (known when the login was remembered)
+            if outcome == 1:
+                if extra:
+                    assert isinstance(extra, bytes)
+                    self.buffer_data(extra)
+                self._logged_in(route, pool, start, data, pool.defaults)
+                return
+            assert route.secret.scram is not None
+            scram = ScramServer(self.user, route.secret.scram)
+            fast = _FastLogin(route, pool, start, scram, b"")
+            if outcome == 3:
+                assert isinstance(extra, tuple)
+                scram.resume(*extra)
+                fast.stage = 1
+            self.fast = fast
+        except Exception as exc:  # every failure ends the login with a reason
+            self._login_failed(exc)
+            return
+        self.buffer_data(data)
+        self._login_fast()
 
     def _start_fast(self, start: _Startup) -> bool:
         """Begin the password exchange when nothing needs waiting for; False when a task must
@@ -1371,12 +1408,20 @@ class PoolerServer:
         return pool
 
     def remember_login(self, fast: _FastLogin) -> None:
-        """An md5 login with FAST's startup packet succeeded: let the engine run the next ones
-        with that packet itself (salt, check, then ``ClientSession._engine_login``) while the
-        route stays current (at most a second; ``forget_logins`` drops them sooner)."""
+        """An md5 or SCRAM login with FAST's startup packet succeeded: let the engine run the
+        next ones with that packet itself (md5: salt and check, then
+        ``ClientSession._engine_login``; SCRAM: the exchange and the proof, then
+        ``ClientSession._engine_scram_login``) while the route stays current (at most a
+        second; ``forget_logins`` drops them sooner)."""
         engine = self.engine
-        secret = fast.route.secret.md5
-        if engine is None or secret is None or not fast.packet:
+        if engine is None or not fast.packet:
+            return
+        secret: bytes | tuple[bytes, bytes, bytes]
+        if fast.scram is not None:
+            secret = fast.scram.engine_secret
+        elif fast.route.secret.md5 is not None:
+            secret = fast.route.secret.md5[3:].encode()
+        else:
             return
         start = fast.start
         fresh = min(LOGIN_MEMORY_SECONDS, self.routes.fresh_for(start.database, start.schema))
@@ -1386,7 +1431,7 @@ class PoolerServer:
         if len(logins) >= 10_000:
             logins.clear()
         info = (fast.route, fast.pool, start)
-        logins[fast.packet] = (secret[3:].encode(), _monotonic() + fresh, info)
+        logins[fast.packet] = (secret, _monotonic() + fresh, info)
 
     def forget_logins(self) -> None:
         """Routes, settings or a destination changed: the engine's remembered logins go."""
