@@ -653,6 +653,24 @@ def test_pool_core_hands_out_and_takes_back_without_python(rig: Rig) -> None:
     assert first.ready == second.ready == []  # no Python on the way
 
 
+def test_a_terminate_between_transactions_closes_without_python(rig: Rig) -> None:
+    """No server connection is taken for it, and Python hears only connection_lost."""
+    core = PoolCore(set())
+    core.pool_size = 1
+    rig.server.core = core
+    rig.server.state = ("public", ())
+    rig.server.generation = core.generation
+    core.push_idle(rig.server)
+    owner, client, app = rig.client()
+    client.core = core
+    client.state = ("public", ())
+    app.sendall(msg(b"X"))
+    rig.pump(lambda: bool(owner.lost))
+    assert owner.lost == [None] and client.closed
+    assert owner.data == [] and owner.terminated == 0
+    assert client.peer is None and core.idle_count == 1
+
+
 def test_pool_core_leaves_a_different_search_path_to_python(rig: Rig) -> None:
     core = PoolCore(set())
     core.pool_size = 1

@@ -656,15 +656,26 @@ static int fast_release(LinkObject *s, LinkObject *c) {
 }
 
 /* Bytes from client C, which has no server connection: take an idle one with the same state
- * (or wait in the queue when none can be opened). 1: done; 0: Python decides; -1: error. */
+ * (or wait in the queue when none can be opened), or close on a Terminate. 1: done; 0: Python
+ * decides; -1: error. */
 static int fast_checkout(LinkObject *c, const char *data, Py_ssize_t n) {
     PoolCoreObject *core = c->core;
     if (core == NULL || core->paused || core->closed || c->state == NULL || n <= 0 ||
         c->closed || !c->txn)
         return 0;
     char first = c->part_len ? c->part[0] : data[0];
-    if (first == 'X')
-        return 0;
+    if (first == 'X') {
+        if (c->transport != NULL)
+            return 0; /* (TLS: Python's transport closes) */
+        /* Terminate between transactions: no server needed; closed as Link.close does */
+        if (c->out_end > c->out_start) {
+            c->closing = 1;
+            update_events(c);
+        } else {
+            link_finish(c, NULL);
+        }
+        return 1;
+    }
     LinkObject *s = core_take(core, c->state, 0);
     if (s != NULL) {
         if (PySet_Add(core->active, s->owner) < 0) {
