@@ -337,6 +337,14 @@ def test_pooler_serve_metrics_listen(agent_with_route: Agent, workers: int) -> N
     proc, port = _serve(agent, "--workers", str(workers))
     clients: list[psycopg.Connection[tuple[Any, ...]]] = []
     try:
+
+        def metrics_up() -> bool:  # (with workers, the supervisor opens it beside the pooler)
+            try:
+                return httpx.get(f"http://127.0.0.1:{metrics_port}/healthz", timeout=10).is_success
+            except httpx.ConnectError:
+                return False
+
+        wait_for(metrics_up, what="pooler.metrics_listen to accept connections")
         assert httpx.get(f"http://127.0.0.1:{metrics_port}/healthz", timeout=10).text == "ok\n"
         assert httpx.get(f"http://127.0.0.1:{metrics_port}/readyz", timeout=10).status_code == 200
         before = _transactions(_scrape(metrics_port))
