@@ -18,9 +18,13 @@ pooler, what PostgreSQL's backends and pgbench spent per transaction) and the Ou
 ratio (a table, or JSON with --json). Each pgbench scenario runs ``--rounds``
 times, the targets taking turns (pgbouncer first in odd rounds, Outpost first in even ones); the
 table shows the medians and the lowest and highest of the per-round ratios, since a single
-10-second run on a small machine can be off by 20%. Never part of the test run.
+10-second run on a small machine can be off by 20%. With ``--together`` the two poolers' pgbench
+runs go at the same time in each round (each with the scenario's clients; the direct server
+alone before them), so that whatever else the machine does hits both alike: the ratio is then
+the better instrument, the TPS half of what each gets alone. Never part of the test run.
 
-    .venv/bin/python bench/pooler.py [--duration 10] [--rounds 3] [--idle-clients 1000] [--json]
+    .venv/bin/python bench/pooler.py [--duration 10] [--rounds 3] [--idle-clients 1000]
+        [--only SCENARIO]... [--together] [--json]
 """
 
 from __future__ import annotations
@@ -197,8 +201,17 @@ def outpost(
         proc.wait(20)
 
 
-def pgbench(target: Target, tmp: Path, args: list[str], duration: int) -> dict[str, Any]:
-    """Run pgbench; TPS from its summary, latencies (avg, p99) from its per-transaction log."""
+@dataclass
+class PgbenchRun:
+    """A pgbench process running against TARGET (``start_pgbench``; ``finish_pgbench``)."""
+
+    target: Target
+    proc: subprocess.Popen[bytes]
+    logdir: Path
+    cpu_before: float
+
+
+def start_pgbench(target: Target, tmp: Path, args: list[str], duration: int) -> PgbenchRun:
     logdir = Path(tempfile.mkdtemp(dir=tmp))
     threads = "4" if "1000" in args else "2"
     argv = [
@@ -209,39 +222,39 @@ def pgbench(target: Target, tmp: Path, args: list[str], duration: int) -> dict[s
     env = {**os.environ}
     if target.password:
         env["PGPASSWORD"] = target.password
-    import resource
-
     cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
-    server_before = postgres_cpu()
-    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=logdir)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_after = postgres_cpu()
-    cpu = cpu_seconds(target.pid) - cpu_before if target.pid else None
-    client_cpu = (children.ru_utime + children.ru_stime) - (
-        children_before.ru_utime + children_before.ru_stime
-    )
-    # (backends that lived through the run: behind a pooler, its server connections)
-    server_cpu = sum(
-        t - server_before[pid] for pid, t in server_after.items() if pid in server_before
-    )
-    if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:120]}
+    with open(logdir / "output", "wb") as output:
+        proc = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=logdir)
+    return PgbenchRun(target, proc, logdir, cpu_before)
+
+
+def finish_pgbench(run: PgbenchRun) -> dict[str, Any]:
+    """Wait for RUN; TPS from pgbench's summary, latencies (avg, p99) from its per-transaction
+    log, the pooler's CPU and pgbench's own (its rusage) per transaction."""
+    _, status, usage = os.wait4(run.proc.pid, 0)
+    run.proc.returncode = os.waitstatus_to_exitcode(status)
+    target = run.target
+    cpu = cpu_seconds(target.pid) - run.cpu_before if target.pid else None
+    client_cpu = usage.ru_utime + usage.ru_stime
+    output = (run.logdir / "output").read_text(errors="replace")
+    if run.proc.returncode != 0:
+        shutil.rmtree(run.logdir, ignore_errors=True)
+        return {"error": output.strip().splitlines()[-1][:120] if output.strip() else "failed"}
     tps = 0.0
     processed = 0
-    for line in proc.stdout.splitlines():
+    for line in output.splitlines():
         if line.startswith("tps = "):
             tps = float(line.split()[2])
         if line.startswith("number of transactions actually processed:"):
             processed = int(line.split(":")[1].split("/")[0])
     latencies: list[int] = []
-    for path in logdir.glob("tx*"):
+    for path in run.logdir.glob("tx*"):
         with open(path) as fh:
             for line in fh:
                 parts = line.split()
                 if len(parts) > 2:
                     latencies.append(int(parts[2]))
-    shutil.rmtree(logdir, ignore_errors=True)
+    shutil.rmtree(run.logdir, ignore_errors=True)
     latencies.sort()
     if not latencies:
         return {"tps": tps}
@@ -252,10 +265,34 @@ def pgbench(target: Target, tmp: Path, args: list[str], duration: int) -> dict[s
         "p99_ms": round(p99 / 1000, 3),
     }
     if cpu is not None and processed:
+        out["transactions"] = processed
         out["pooler_cpu_us_per_tx"] = round(cpu * 1e6 / processed, 1)
-        out["server_cpu_us_per_tx"] = round(server_cpu * 1e6 / processed, 1)
         out["pgbench_cpu_us_per_tx"] = round(client_cpu * 1e6 / processed, 1)
     return out
+
+
+def pgbench(target: Target, tmp: Path, args: list[str], duration: int) -> dict[str, Any]:
+    """Run pgbench alone against TARGET; behind a pooler, also what PostgreSQL's backends spent
+    per transaction."""
+    server_before = postgres_cpu()
+    out = finish_pgbench(start_pgbench(target, tmp, args, duration))
+    server_after = postgres_cpu()
+    # (backends that lived through the run: behind a pooler, its server connections)
+    server_cpu = sum(
+        t - server_before[pid] for pid, t in server_after.items() if pid in server_before
+    )
+    if "pooler_cpu_us_per_tx" in out:
+        out["server_cpu_us_per_tx"] = round(server_cpu * 1e6 / out["transactions"], 1)
+    return out
+
+
+def pgbench_together(
+    targets: list[Target], tmp: Path, args: list[str], duration: int
+) -> list[dict[str, Any]]:
+    """Run pgbench against every target at the same time (each with the scenario's clients):
+    whatever the machine does meanwhile hits them alike."""
+    runs = [start_pgbench(target, tmp, args, duration) for target in targets]
+    return [finish_pgbench(run) for run in runs]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -345,14 +382,32 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_scenario(
-    scenario: str, targets: list[Target], tmp: Path, duration: int, rounds: int
+    scenario: str,
+    targets: list[Target],
+    tmp: Path,
+    duration: int,
+    rounds: int,
+    *,
+    together: bool = False,
 ) -> dict[str, Any]:
-    """Run SCENARIO ROUNDS times on each target, the poolers taking turns to go first."""
+    """Run SCENARIO ROUNDS times on each target, the poolers taking turns to go first; with
+    TOGETHER, the poolers at the same time (the direct server alone before them)."""
     runs: dict[str, list[dict[str, Any]]] = {target.name: [] for target in targets}
+    args = SCENARIOS[scenario]
     for number in range(rounds):
         order = targets if number % 2 == 0 else list(reversed(targets))
+        if together:
+            poolers = [target for target in order if target.pid is not None]
+            for target in order:
+                if target.pid is None:
+                    runs[target.name].append(pgbench(target, tmp, args, duration))
+            for target, result in zip(
+                poolers, pgbench_together(poolers, tmp, args, duration), strict=True
+            ):
+                runs[target.name].append(result)
+            continue
         for target in order:
-            runs[target.name].append(pgbench(target, tmp, SCENARIOS[scenario], duration))
+            runs[target.name].append(pgbench(target, tmp, args, duration))
     row: dict[str, Any] = {"scenario": scenario}
     for name, results in runs.items():
         row[name] = median_run(results)
@@ -378,6 +433,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=5432)
     parser.add_argument("--user", default="postgres")
     parser.add_argument("--only", choices=[*SCENARIOS, "idle-memory"], action="append")
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="run the two poolers' pgbench at the same time in each round (drift hits both)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if not Path(PGBOUNCER).exists():
@@ -413,7 +473,16 @@ def main() -> None:
                     targets = [bouncer, ours]
                     if scenario != "1000-clients":  # max_connections is 100
                         targets.insert(0, direct)
-                    results.append(run_scenario(scenario, targets, tmp, args.duration, args.rounds))
+                    results.append(
+                        run_scenario(
+                            scenario,
+                            targets,
+                            tmp,
+                            args.duration,
+                            args.rounds,
+                            together=args.together,
+                        )
+                    )
             md5 = [scenario for scenario in wanted if scenario in MD5_SCENARIOS]
             if md5:
                 (tmp / "pgbouncer-md5").mkdir()
@@ -427,22 +496,31 @@ def main() -> None:
                 ):
                     for scenario in md5:
                         results.append(
-                            run_scenario(scenario, [bouncer, ours], tmp, args.duration, args.rounds)
+                            run_scenario(
+                                scenario,
+                                [bouncer, ours],
+                                tmp,
+                                args.duration,
+                                args.rounds,
+                                together=args.together,
+                            )
                         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print_table(results)
+    print_table(results, together=args.together)
 
 
-def print_table(results: list[dict[str, Any]]) -> None:
+def print_table(results: list[dict[str, Any]], *, together: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    how = "the poolers at the same time" if together else "one target at a time"
     table = Table(
-        title="pooler benchmark (pgbench; outpost workers=1; medians, per-round ratio range)"
+        title=f"pooler benchmark (pgbench, {how}; outpost workers=1; medians, per-round ratio "
+        "range)"
     )
     columns = (
         "scenario",
@@ -476,6 +554,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
             others = ""
             if "server_cpu_us_per_tx" in data:
                 others = f"{data['server_cpu_us_per_tx']}+{data['pgbench_cpu_us_per_tx']}"
+            elif "pgbench_cpu_us_per_tx" in data:  # (together: the server's share is mixed)
+                others = f"?+{data['pgbench_cpu_us_per_tx']}"
             if "error" in data:
                 table.add_row(scenario, name, "error: " + data["error"], "", "", "", "", "", "")
             elif scenario == "idle-memory":
