@@ -396,6 +396,31 @@ def test_logins_with_the_same_startup_packet_each_get_their_own_greeting(
     assert len(keys) == 8
 
 
+def test_a_closed_clients_session_is_freed_at_once(pooler: RunningPooler) -> None:
+    """A client that hangs up leaves nothing behind for the garbage collector: its session and
+    the engine's link are freed when it goes (memory stays flat between collections)."""
+    import gc
+
+    from outpost.pooler.server import ClientSession
+
+    def sessions() -> int:
+        return sum(1 for obj in gc.get_objects() if type(obj) is ClientSession)
+
+    assert pooler.server is not None
+    gc.collect()
+    gc.disable()
+    try:
+        before = sessions()
+        for number in range(30):
+            with psycopg.connect(**pooler.conninfo(), autocommit=True) as conn:
+                assert conn.execute("SELECT %s::int", (number,)).fetchone() == (number,)
+        server = pooler.server
+        wait_for(lambda: server.client_count == 0, what="the clients to go")
+        assert sessions() <= before
+    finally:
+        gc.enable()
+
+
 def _pgbench(pooler: RunningPooler, *args: str) -> str:
     proc = subprocess.run(
         ["pgbench", "-h", "127.0.0.1", "-p", str(pooler.port), "-U", USER, *args, "app"],

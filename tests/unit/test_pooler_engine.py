@@ -671,6 +671,44 @@ def test_a_terminate_between_transactions_closes_without_python(rig: Rig) -> Non
     assert client.peer is None and core.idle_count == 1
 
 
+def test_links_closed_in_a_poll_are_told_at_its_end_and_others_through_the_loop(
+    rig: Rig,
+) -> None:
+    """A link that closes while Engine.poll runs hears connection_lost when the poll ends (no
+    handle on the loop per closed connection), after every event of the batch; one closed
+    from Python outside a poll hears it through call_soon, never from inside close()."""
+    first, first_link, first_app = rig.client()
+    second, second_link, second_app = rig.client()
+    third, third_link, _ = rig.client()
+
+    class Closing(Owner):  # closes another link from its connection_lost
+        def connection_lost(self, exc: object) -> None:
+            super().connection_lost(exc)
+            third_link.close()
+
+    closing = Closing()
+    closing_link, closing_app = rig.link(closing, server=False)
+    first_app.close()
+    second_app.close()
+    closing_app.close()
+    deadline = time.monotonic() + 5
+    while not (first.lost and second.lost and closing.lost):
+        assert time.monotonic() < deadline, "the engine did not see the clients go"
+        rig.engine.poll()
+        # told by the poll itself, not scheduled on the loop
+        assert rig.scheduled == []
+    assert first.lost == second.lost == closing.lost == [None]
+    assert first_link.closed and second_link.closed and closing_link.closed
+    # the link closed by a connection_lost call is told within the same poll too
+    assert third.lost == [None] and third_link.closed
+
+    fourth, fourth_link, _ = rig.client()
+    fourth_link.close()  # from Python, outside a poll: later, through the loop
+    assert fourth.lost == [] and len(rig.scheduled) == 1
+    rig.pump(lambda: bool(fourth.lost))
+    assert fourth.lost == [None]
+
+
 def test_pool_core_leaves_a_different_search_path_to_python(rig: Rig) -> None:
     core = PoolCore(set())
     core.pool_size = 1

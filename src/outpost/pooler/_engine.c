@@ -24,7 +24,8 @@
  *                 on_ready(server_owner)     ReadyForQuery(idle) with nothing outstanding
  *   server owner: _on_data(bytes), _engine_param(body), _unanswered((name, kind, drop)),
  *                 _engine_bad_length(kind, length)
- *   both:         connection_lost(exc)       via loop.call_soon, once (raw mode only)
+ *   both:         connection_lost(exc)       once (raw mode only): at the end of Engine.poll
+ *                                              when it closed there, else via loop.call_soon
  *   logging in:   _engine_login(info, kind, outcome, rest)
  *                                            an md5 login the engine took on (see below) ended
  *                 _engine_scram_login(info, outcome, data, extra)
@@ -115,6 +116,8 @@ struct EngineObject {
     char *rbuf;
     char rand[256]; /* getrandom(2) bytes for md5 salts and SCRAM nonces, used from the end */
     int rand_left;
+    int polling;    /* in Engine.poll: links closed meanwhile are told at its end */
+    PyObject *lost; /* list of (owner, exc or None) to call connection_lost on at poll's end */
 };
 
 typedef struct {
@@ -308,7 +311,13 @@ static void link_finish(LinkObject *l, PyObject *exc) {
         } else {
             PyErr_Clear();
         }
-        if (l->owner != NULL && l->owner != Py_None) {
+        if (l->owner != NULL && l->owner != Py_None && l->engine->polling) {
+            /* told at the end of this poll: no handle on the loop for each closed link */
+            PyObject *entry = PyTuple_Pack(2, l->owner, exc ? exc : Py_None);
+            if (entry == NULL || PyList_Append(l->engine->lost, entry) < 0)
+                PyErr_WriteUnraisable((PyObject *)l);
+            Py_XDECREF(entry);
+        } else if (l->owner != NULL && l->owner != Py_None) {
             PyObject *cb = PyObject_GetAttr(l->owner, s_connection_lost);
             if (cb != NULL) {
                 PyObject *r = PyObject_CallFunctionObjArgs(l->engine->call_soon, cb,
@@ -2219,8 +2228,9 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     self->call_soon = call_soon;
     self->links = PyDict_New();
     self->logins = PyDict_New();
+    self->lost = PyList_New(0);
     self->rbuf = PyMem_Malloc(READ_SIZE);
-    if (self->links == NULL || self->logins == NULL || self->rbuf == NULL) {
+    if (self->links == NULL || self->logins == NULL || self->lost == NULL || self->rbuf == NULL) {
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
@@ -2231,6 +2241,7 @@ static int Engine_traverse(EngineObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->call_soon);
     Py_VISIT(self->links);
     Py_VISIT(self->logins);
+    Py_VISIT(self->lost);
     return 0;
 }
 
@@ -2238,6 +2249,7 @@ static int Engine_clear_refs(EngineObject *self) {
     Py_CLEAR(self->call_soon);
     Py_CLEAR(self->links);
     Py_CLEAR(self->logins);
+    Py_CLEAR(self->lost);
     return 0;
 }
 
@@ -2280,6 +2292,7 @@ static PyObject *Engine_poll(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
             Py_RETURN_NONE;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
+    self->polling = 1;
     for (int i = 0; i < n; i++) {
         LinkObject *l = evs[i].data.ptr;
         uint32_t ev = evs[i].events;
@@ -2290,6 +2303,20 @@ static PyObject *Engine_poll(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
             link_read(self, l);
         Py_DECREF(l);
     }
+    /* connection_lost for the links closed meanwhile (and for any those calls close) */
+    PyObject *lost = self->lost;
+    for (Py_ssize_t i = 0; lost != NULL && i < PyList_GET_SIZE(lost); i++) {
+        PyObject *entry = Py_NewRef(PyList_GET_ITEM(lost, i));
+        PyObject *owner = PyTuple_GET_ITEM(entry, 0);
+        PyObject *r = PyObject_CallMethodOneArg(owner, s_connection_lost, PyTuple_GET_ITEM(entry, 1));
+        if (r == NULL)
+            PyErr_WriteUnraisable(owner);
+        Py_XDECREF(r);
+        Py_DECREF(entry);
+    }
+    self->polling = 0;
+    if (lost != NULL && PyList_GET_SIZE(lost) && PyList_SetSlice(lost, 0, PY_SSIZE_T_MAX, NULL) < 0)
+        PyErr_WriteUnraisable((PyObject *)self);
     Py_RETURN_NONE;
 }
 

@@ -85,6 +85,9 @@ _PC, _CC = p.B_PARSE_COMPLETE, p.B_CLOSE_COMPLETE
 _monotonic = time.monotonic
 _intern = sys.intern
 _NO_STATEMENTS: dict[bytes, tuple[bytes, bytes]] = {}
+_NO_WANT: dict[str, str | None] = {}  # (read-only, like _NO_STATEMENTS)
+_NO_STATE: tuple[str | None, tuple[str | None, ...]] = (None, ())
+_NO_PEER = ("", 0)
 _wants: dict[tuple[tuple[str, str | None], ...], dict[str, str | None]] = {}
 
 
@@ -235,29 +238,34 @@ class ClientSession(p.FramedProtocol):
     )
 
     def __init__(self, srv: PoolerServer, local: tuple[str, int] = ("", 0)) -> None:
-        super().__init__()
+        # (FramedProtocol.__init__, inlined with the rest: this runs once per connection)
+        self._buf = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self.peer: tuple[str, int] = _NO_PEER
+        self.tls = False
         self.srv = srv
         self.ready = False
         self.admin = False
         self.pool: Pool | None = None
+        self.txn = txn = srv.settings.pool_mode == "transaction"
         #: the forwarding engine's side of this client (its socket, once logged in); it also
         #: keeps the server connection it is paired with (conn) and its place in the queue
-        self.link = Link(self, False, srv.settings.pool_mode == "transaction")
+        self.link = link = Link(self, False, txn)
+        link.state = _NO_STATE  # search_path and tracked settings (see ``state``)
+        link.request_at = _monotonic()  # when it last got a server connection
         self.user = ""
         self.database = ""
         self.schema = ""
         self.application_name = ""
         self.search_path = ""
-        self.want: dict[str, str | None] = {}  # shared between clients: replaced, not changed
-        self.state = (None, ())
+        self.want: dict[str, str | None] = _NO_WANT  # shared between clients: replaced, not changed
         #: the client's named prepared statements: name -> (server name, Parse body); a shared
         #: empty dict until the first one (read-only until then: idle memory)
         self.statements: dict[bytes, tuple[bytes, bytes]] = _NO_STATEMENTS
-        self.txn = srv.settings.pool_mode == "transaction"
         self.pid = 0
         self.key = 0
         self.connect_time = time.time()
-        self.request_at = _monotonic()  # when it last got a server connection
         self._task: asyncio.Task[None] | None = None  # opening or preparing a server connection
         self.login_task: asyncio.Task[None] | None = None
         self.fast: _FastLogin | None = None
@@ -353,35 +361,46 @@ class ClientSession(p.FramedProtocol):
         except (OSError, RuntimeError):
             os.close(fd)
             return
-        self.transport = self.link  # type: ignore[assignment]
+        link = self.link
+        self.transport = link  # type: ignore[assignment]
         self.peer = peer
         srv = self.srv
-        self._arrived()
-        if (
-            engine.logins
-            and srv.client_count <= srv.config.max_client_conn
-            and not srv.tls_required
-        ):
-            self.link.login = 1  # the engine reads the startup packet (Engine.logins)
-        self.link.read_now()  # a client sends its first packet with its connect
+        # (self._arrived(), inlined: this runs once per connection)
+        clients = srv.clients
+        clients.add(self)
+        srv.logging_in[self] = _monotonic() + LOGIN_TIMEOUT  # see PoolerServer._maintain
+        if engine.logins and len(clients) <= srv.config.max_client_conn and not srv.tls_required:
+            link.login = 1  # the engine reads the startup packet (Engine.logins)
+        link.read_now()  # a client sends its first packet with its connect
 
     def _arrived(self) -> None:
         self.srv.add_client(self)
         self.srv.logging_in[self] = _monotonic() + LOGIN_TIMEOUT  # see PoolerServer._maintain
 
     def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
+        # (FramedProtocol.connection_lost, inlined: this runs once per connection)
+        self._closed = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
         self.gone = True
         self.srv.remove_client(self)
         self.fast = None
-        self.waiting = False  # leave the pool's queue; a task opening a connection finishes
+        link = self.link
+        link.waiting = False  # leave the pool's queue; a task opening a connection finishes
         if self.login_task is not None and not self.ready:
             self.login_task.cancel()
-        conn = self.conn
-        if conn is not None and self._task is None:  # a running _prepare/_open tidies up itself
-            self.conn = None
+        peer = link.peer
+        if peer is not None and self._task is None:  # a running _prepare/_open tidies up itself
+            conn: ServerConnection = peer.owner
+            link.unpair()
             conn.detach()
             self.srv.spawn(self._cleanup(conn))
+            peer = None
+        if peer is None:
+            # nothing in the engine reaches this link now: without its way back to this session
+            # (a reference cycle), both go when the last reference does, not at the next
+            # garbage collection
+            link.owner = None
 
     def pause_writing(self) -> None:  # (asyncio's transport: TLS)
         if self.conn is not None:
@@ -739,7 +758,7 @@ class ClientSession(p.FramedProtocol):
         self.application_name = start.application_name
         if srv.tls_required:
             self._check_client_tls()
-        if srv.client_count > srv.config.max_client_conn:
+        if len(srv.clients) > srv.config.max_client_conn:
             raise PoolError(
                 f"no more connections allowed (max_client_conn {srv.config.max_client_conn})",
                 p.TOO_MANY_CONNECTIONS,
@@ -797,19 +816,19 @@ class ClientSession(p.FramedProtocol):
         if greeting is None or greeting.defaults is not defaults:
             greeting = _greeting(start, defaults, pool)
         self.want = greeting.want
-        self.state = greeting.state
-        self.pid, self.key = srv.new_backend_key(self)
-        key_data = p.backend_key_data(self.pid, self.key)
+        link = self.link
+        link.state = greeting.state
+        self.pid, self.key = pid, key = srv.new_backend_key(self)
+        key_data = p.backend_key_data(pid, key)
         self.transport.write(b"".join((auth_final, greeting.messages, key_data, p.READY_IDLE)))
         self.ready = True
         self.login_task = None
         srv.logging_in.pop(self, None)
-        self.link.core = pool.core
-        if self.transport is not self.link:  # type: ignore[comparison-overlap]
-            self.transport = hand_over(self.link, self.transport, srv.engine, tls=self.tls)  # type: ignore[assignment]
-        leftover = self.take_buffer()
-        if leftover:
-            self.link.feed(leftover)
+        link.core = pool.core
+        if self.transport is not link:  # type: ignore[comparison-overlap]
+            self.transport = hand_over(link, self.transport, srv.engine, tls=self.tls)  # type: ignore[assignment]
+        if self._buf:
+            link.feed(self.take_buffer())
 
     async def _admin_login(self) -> None:
         srv = self.srv
