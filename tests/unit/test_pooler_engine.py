@@ -796,3 +796,32 @@ def test_accept_socket_hands_over_a_ready_to_use_connection(family: int) -> None
                 client.close()
     with pytest.raises(OSError):
         accept_socket(listener.fileno(), False)  # closed: EBADF, as an OSError
+
+
+def test_accept_socket_names_each_peer_host_right_past_its_cache() -> None:
+    """The peer's host comes as one interned str per address (the last few are kept): clients
+    from more source addresses than it keeps, each twice, each get their own host's text."""
+    import sys
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        sources = [f"127.0.0.{n}" for n in range(2, 14)] * 2  # 12 hosts, more than are kept
+        for source in sources:
+            with socket.socket() as client:
+                try:
+                    client.bind((source, 0))
+                except OSError as exc:
+                    pytest.skip(f"cannot connect from {source}: {exc}")
+                client.connect(("127.0.0.1", port))
+                deadline = time.monotonic() + 5
+                accepted = None
+                while accepted is None:
+                    assert time.monotonic() < deadline, "no connection to accept"
+                    accepted = accept_socket(listener.fileno(), True)
+                fd, host, _, local_host, local_port = accepted
+                os.close(fd)
+                assert host == source and sys.intern(host) is host
+                assert (local_host, local_port) == ("127.0.0.1", port)

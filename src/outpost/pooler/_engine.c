@@ -2370,26 +2370,55 @@ static PyObject *py_mentions_keyword(PyObject *Py_UNUSED(module), PyObject *arg)
     return PyBool_FromLong(r);
 }
 
-static int format_address(struct sockaddr_storage *addr, char *host, size_t size, int *port) {
-    if (addr->ss_family == AF_INET) {
+/* The text of ADDR's host as an interned str (PORT set too; "" for another family): the last
+ * few are kept, since clients come from a few hosts and inet_ntop formats with sprintf. */
+#define HOST_CACHE 8
+static struct {
+    int family;
+    unsigned char raw[16];
+    PyObject *text;
+} host_cache[HOST_CACHE];
+static int host_cache_next;
+
+static PyObject *address_text(struct sockaddr_storage *addr, int *port) {
+    const void *raw;
+    size_t rlen;
+    int family = addr->ss_family;
+    if (family == AF_INET) {
         struct sockaddr_in *a = (struct sockaddr_in *)addr;
-        inet_ntop(AF_INET, &a->sin_addr, host, size);
+        raw = &a->sin_addr;
+        rlen = 4;
         *port = ntohs(a->sin_port);
-        return 0;
-    }
-    if (addr->ss_family == AF_INET6) {
+    } else if (family == AF_INET6) {
         struct sockaddr_in6 *a = (struct sockaddr_in6 *)addr;
-        inet_ntop(AF_INET6, &a->sin6_addr, host, size);
+        raw = &a->sin6_addr;
+        rlen = 16;
         *port = ntohs(a->sin6_port);
-        return 0;
+    } else {
+        *port = 0;
+        return PyUnicode_InternFromString("");
     }
-    return -1;
+    for (int i = 0; i < HOST_CACHE; i++)
+        if (host_cache[i].text != NULL && host_cache[i].family == family &&
+            memcmp(host_cache[i].raw, raw, rlen) == 0)
+            return Py_NewRef(host_cache[i].text);
+    char host[INET6_ADDRSTRLEN] = "";
+    inet_ntop(family, raw, host, sizeof(host));
+    PyObject *text = PyUnicode_InternFromString(host);
+    if (text == NULL)
+        return NULL;
+    int slot = host_cache_next;
+    host_cache_next = (slot + 1) % HOST_CACHE;
+    Py_XSETREF(host_cache[slot].text, Py_NewRef(text));
+    host_cache[slot].family = family;
+    memcpy(host_cache[slot].raw, raw, rlen);
+    return text;
 }
 
 /* accept_socket(listen_fd, want_local): the next connection on a non-blocking TCP listener as
  * (fd, peer host, peer port, local host, local port), the socket non-blocking and with
- * TCP_NODELAY (the local address only when asked: a wildcard listener), or None when there is
- * none. */
+ * TCP_NODELAY (the local address only when asked: a wildcard listener; else ""), the hosts as
+ * interned str, or None when there is none. */
 static PyObject *py_accept_socket(PyObject *Py_UNUSED(module), PyObject *args) {
     int lfd, want_local;
     if (!PyArg_ParseTuple(args, "ip", &lfd, &want_local))
@@ -2409,15 +2438,23 @@ static PyObject *py_accept_socket(PyObject *Py_UNUSED(module), PyObject *args) {
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    char host[INET6_ADDRSTRLEN] = "", local[INET6_ADDRSTRLEN] = "";
     int port = 0, local_port = 0;
-    format_address(&addr, host, sizeof(host), &port);
-    if (want_local) {
+    PyObject *host = address_text(&addr, &port);
+    PyObject *local = NULL;
+    if (host != NULL && want_local) {
         socklen_t alen = sizeof(addr);
         if (getsockname(fd, (struct sockaddr *)&addr, &alen) == 0)
-            format_address(&addr, local, sizeof(local), &local_port);
+            local = address_text(&addr, &local_port);
+        else
+            local = PyUnicode_InternFromString("");
+    } else if (host != NULL) {
+        local = PyUnicode_InternFromString("");
     }
-    PyObject *r = Py_BuildValue("(isisi)", fd, host, port, local, local_port);
+    PyObject *r = NULL;
+    if (local != NULL)
+        r = Py_BuildValue("(iOiOi)", fd, host, port, local, local_port);
+    Py_XDECREF(host);
+    Py_XDECREF(local);
     if (r == NULL)
         close(fd);
     return r;

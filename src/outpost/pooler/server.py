@@ -1281,7 +1281,7 @@ class PoolerServer:
                 return
             fd, host, port, local_host, local_port = accepted
             at = local if local[0] else _share((local_host, local_port))
-            ClientSession(self, at).accepted(fd, (_intern(host), port))
+            ClientSession(self, at).accepted(fd, (host, port))  # (host: interned)
 
     def _resume_accepting(self, sock: socket.socket) -> None:
         if sock in self._accepting and self.engine is not None:
