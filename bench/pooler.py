@@ -20,8 +20,10 @@ times, the targets taking turns (pgbouncer first in odd rounds, Outpost first in
 table shows the medians and the lowest and highest of the per-round ratios, since a single
 10-second run on a small machine can be off by 20%. With ``--together`` the two poolers' pgbench
 runs go at the same time in each round (each with the scenario's clients; the direct server
-alone before them), so that whatever else the machine does hits both alike: the ratio is then
-the better instrument, the TPS half of what each gets alone. Never part of the test run.
+alone before them), so that whatever else the machine does hits both alike: for the login
+scenarios the ratio is then steadier (the TPS about half of what each gets alone); for
+``select``, a closed loop that fills the machine, a round can tip to one side for seconds, so
+run it one at a time with more rounds. Never part of the test run.
 
     .venv/bin/python bench/pooler.py [--duration 10] [--rounds 3] [--idle-clients 1000]
         [--only SCENARIO]... [--together] [--json]
