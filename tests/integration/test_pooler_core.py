@@ -396,6 +396,40 @@ def test_logins_with_the_same_startup_packet_each_get_their_own_greeting(
     assert len(keys) == 8
 
 
+def test_tracked_settings_from_options_or_in_any_case_reach_the_server(
+    pooler: RunningPooler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-c TimeZone=…`` in ``options`` (PGOPTIONS), or a startup parameter in lower case (libpq
+    sends PGTZ as "timezone"), is the client's setting on whichever server connection runs its
+    transactions, and in its ParameterStatus; clients that gave none keep the server's."""
+    with psycopg.connect(**pooler.conninfo(), autocommit=True) as plain:
+        default_zone = plain.execute("SHOW TimeZone").fetchone()
+        default_style = plain.execute("SHOW DateStyle").fetchone()
+    assert default_zone != ("America/New_York",) and default_style != ("SQL, DMY",)
+    options = r"-csearch_path=tenant_b -c TimeZone=America/New_York --DateStyle=SQL,\ DMY"
+    with psycopg.connect(**pooler.conninfo(options=options), autocommit=True) as conn:
+        assert conn.info.parameter_status("TimeZone") == "America/New_York"
+        for _ in range(3):  # (on whichever of the pool's connections)
+            assert conn.execute("SHOW TimeZone").fetchone() == ("America/New_York",)
+            assert conn.execute("SHOW DateStyle").fetchone() == ("SQL, DMY",)
+            assert conn.execute("SELECT current_schema()").fetchone() == ("tenant_b",)
+            with psycopg.connect(**pooler.conninfo(), autocommit=True) as plain:
+                assert plain.execute("SHOW TimeZone").fetchone() == default_zone
+                assert plain.execute("SHOW DateStyle").fetchone() == default_style
+    monkeypatch.setenv("PGTZ", "Asia/Tokyo")
+    with psycopg.connect(**pooler.conninfo(), autocommit=True) as conn:
+        assert conn.info.parameter_status("TimeZone") == "Asia/Tokyo"
+        assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
+    monkeypatch.delenv("PGTZ")
+    # a startup parameter wins over the same setting in options, as in PostgreSQL
+    with psycopg.connect(
+        **pooler.conninfo(options="-c TimeZone=Europe/Paris", application_name="from-param"),
+        autocommit=True,
+    ) as conn:
+        assert conn.execute("SHOW TimeZone").fetchone() == ("Europe/Paris",)
+        assert conn.execute("SHOW application_name").fetchone() == ("from-param",)
+
+
 def test_a_closed_clients_session_is_freed_at_once(pooler: RunningPooler) -> None:
     """A client that hangs up leaves nothing behind for the garbage collector: its session and
     the engine's link are freed when it goes (memory stays flat between collections)."""

@@ -77,6 +77,25 @@ def test_tenant_schema_from_startup_parameters(params: dict[str, str], schema: s
     assert p.schema_from_params(params) == schema
 
 
+@pytest.mark.parametrize(
+    ("options", "settings"),
+    [
+        ("", {}),
+        ("-c TimeZone=UTC", {"timezone": "UTC"}),
+        ("-cDateStyle=ISO,DMY --client-encoding=LATIN1", {"datestyle": "ISO,DMY",
+                                                          "client_encoding": "LATIN1"}),
+        (r"-c application_name=my\ app -c geqo", {"application_name": "my app"}),
+        ("-c timezone=UTC -c TimeZone=Europe/Paris", {"timezone": "Europe/Paris"}),
+        ("-B 100 -c search_path=a,b", {"search_path": "a,b"}),
+        ("-c", {}),
+    ],
+)  # fmt: skip
+def test_settings_from_options(options: str, settings: dict[str, str]) -> None:
+    """Every ``-c name=value`` in libpq's options, as PostgreSQL reads them (names in any case,
+    ``-`` for ``_``, backslash-escaped spaces, a later one winning)."""
+    assert p.settings_from_options(options) == settings
+
+
 def test_iter_frames_splits_whole_messages_and_keeps_the_rest() -> None:
     data = p.query("SELECT 1") + p.SYNC + p.query("SELECT 2")[:6]
     frames, used = p.iter_frames(data)

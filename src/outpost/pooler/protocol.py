@@ -184,9 +184,10 @@ def schema_from_params(params: dict[str, str]) -> str | None:
     return first or None
 
 
-def search_path_from_options(options: str) -> str | None:
-    """``search_path`` from libpq's ``options`` (``-csearch_path=x`` / ``-c search_path=x``,
-    ``--search_path=x``); backslash escapes a space as PostgreSQL does."""
+def settings_from_options(options: str) -> dict[str, str]:
+    """The ``-c name=value`` settings (also ``-cname=value``, ``--name=value``) in libpq's
+    ``options``, by lower-case name with ``-`` as ``_`` as PostgreSQL reads them; backslash
+    escapes a space as PostgreSQL does; a later one wins."""
     words: list[str] = []
     current: list[str] = []
     escaped = False
@@ -204,7 +205,7 @@ def search_path_from_options(options: str) -> str | None:
             current.append(ch)
     if current:
         words.append("".join(current))
-    found: str | None = None
+    found: dict[str, str] = {}
     i = 0
     while i < len(words):
         word = words[i]
@@ -216,10 +217,16 @@ def search_path_from_options(options: str) -> str | None:
             setting = word[2:]
         if setting is not None:
             name, sep, value = setting.partition("=")
-            if sep and name.replace("-", "_").lower() == "search_path":
-                found = value
+            if sep:
+                found[name.replace("-", "_").lower()] = value
         i += 1
     return found
+
+
+def search_path_from_options(options: str) -> str | None:
+    """``search_path`` from libpq's ``options`` (``-csearch_path=x`` / ``-c search_path=x``,
+    ``--search_path=x``); backslash escapes a space as PostgreSQL does."""
+    return settings_from_options(options).get("search_path")
 
 
 # --- builders ------------------------------------------------------------------------------

@@ -137,12 +137,18 @@ class _Startup:
         params = msg.params
         self.user = _intern(params["user"])
         self.database = _intern(params.get("database") or self.user)
-        self.application_name = _intern(params.get("application_name", ""))
         self.schema = _intern(p.schema_from_params(params) or "public")
         self.search_path = _intern(p.quote_ident(self.schema))
-        #: the tracked settings the client asks for (the rest come from the server's defaults)
+        #: the tracked settings the client asks for (the rest come from the server's defaults):
+        #: startup parameters (any case: libpq sends PGTZ as "timezone"), or ``-c name=value``
+        #: in ``options``; a parameter wins, as in PostgreSQL, which applies the packet's
+        #: parameters after the options
+        given = p.settings_from_options(params["options"]) if params.get("options") else {}
+        given.update((key.lower(), value) for key, value in params.items())
+        asked = {name: given[name.lower()] for name in TRACKED if name.lower() in given}
+        self.application_name = _intern(asked.get("application_name", ""))
         self.tracked = tuple(
-            (name, _normalize(name, params[name])) for name in TRACKED if name in params
+            (name, _normalize(name, asked[name])) for name in TRACKED if name in asked
         )
 
 
