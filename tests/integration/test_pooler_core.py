@@ -11,7 +11,6 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import psycopg
 import pytest
@@ -26,6 +25,7 @@ from tests.integration.test_pooler_support import (
     USER,
     RunningPooler,
     TenantDb,
+    cancel_a_slow_query,
     running_pooler,
     tenant_db,  # noqa: F401 - fixture
 )
@@ -253,31 +253,7 @@ def test_cancel_reaches_the_right_backend(pooler: RunningPooler) -> None:
         psycopg.connect(**pooler.conninfo(), autocommit=True) as conn,
         psycopg.connect(**pooler.conninfo(), autocommit=True) as other,
     ):
-        result: dict[str, Any] = {}
-
-        def slow() -> None:
-            try:
-                conn.execute("SELECT pg_sleep(30)")
-                result["outcome"] = "finished"
-            except psycopg.errors.QueryCanceled:
-                result["outcome"] = "canceled"
-
-        thread = threading.Thread(target=slow)
-        thread.start()
-        wait_for(
-            lambda: (
-                other.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'"
-                    " AND state = 'active'"
-                ).fetchone()
-                == (1,)
-            ),
-            what="the slow query to start",
-        )
-        conn.cancel_safe()
-        thread.join(30)
-        assert result["outcome"] == "canceled"
-        assert conn.execute("SELECT 1").fetchone() == (1,)
+        cancel_a_slow_query(conn, other)
 
 
 def test_client_vanishing_mid_transaction_is_rolled_back(pooler: RunningPooler) -> None:

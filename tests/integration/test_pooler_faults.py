@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -214,31 +215,35 @@ def test_a_stalled_login_ends_with_a_reason(
 
 def test_running_out_of_file_descriptors_pauses_accepting_and_recovers(
     tenant_db: TenantDb,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """accept() failing (EMFILE: the process is out of file descriptors) is logged in one
-    sentence; the pooler tries again a second later and the waiting client is served."""
-    import errno
+    """accept() failing with a real EMFILE (RLIMIT_NOFILE lowered to the descriptors in use)
+    is logged in one sentence; the pooler tries again a second later, once descriptors are
+    there, and the client that waited is served."""
     import logging
+    import resource
 
-    from outpost.pooler import server
-    from outpost.pooler._engine import accept_socket as real
-
-    failures = [OSError(errno.EMFILE, "Too many open files")]
-
-    def accept_socket(fd: int, want_local: bool) -> tuple[int, str, int, str, int] | None:
-        if failures:
-            raise failures.pop()
-        return real(fd, want_local)
-
-    monkeypatch.setattr(server, "accept_socket", accept_socket)
     caplog.set_level(logging.ERROR, logger="outpost.pooler")
     with running_pooler(PoolerConfig(), StaticRoutes(tenant_db.routes())) as pooler:
-        with psycopg.connect(**pooler.conninfo(options="-csearch_path=tenant_b")) as conn:
-            assert conn.execute("SELECT name FROM whoami").fetchone() == ("tenant_b",)
-        assert not failures
-        assert (
+        message = (
             f"cannot accept connections on 127.0.0.1:{pooler.port}: Too many open files; "
             "trying again in 1s"
-        ) in caplog.messages
+        )
+        client = socket.socket()  # (its descriptor before the limit: connect needs none)
+        client.settimeout(10)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        try:
+            client.connect(("127.0.0.1", pooler.port))
+            wait_for(lambda: message in caplog.messages, what="the pooler to hit the limit")
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        with client:
+            client.sendall(startup_bytes(user=USER, database="nowhere"))
+            error = error_of(read_messages_until(client, b"E"))
+            assert error["M"].startswith('no route for database "nowhere"'), error
+        assert caplog.messages.count(message) == 1
+        with psycopg.connect(**pooler.conninfo(options="-csearch_path=tenant_b")) as conn:
+            assert conn.execute("SELECT name FROM whoami").fetchone() == ("tenant_b",)

@@ -192,6 +192,40 @@ def tenant_db(pg_params: dict[str, object]) -> Iterator[TenantDb]:
         drop_tenant_db(pg_params, db)
 
 
+def cancel_a_slow_query(conn: Any, other: Any) -> None:
+    """Start `SELECT pg_sleep(30)` on CONN (autocommit) in a thread, wait until OTHER sees it
+    run, cancel it through the pooler: it must end with QueryCanceled, and CONN go on."""
+    import psycopg
+
+    from tests.helpers import wait_for
+
+    result: dict[str, str] = {}
+
+    def slow() -> None:
+        try:
+            conn.execute("SELECT pg_sleep(30)")
+            result["outcome"] = "finished"
+        except psycopg.errors.QueryCanceled:
+            result["outcome"] = "canceled"
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    wait_for(
+        lambda: (
+            other.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'"
+                " AND state = 'active'"
+            ).fetchone()
+            == (1,)
+        ),
+        what="the slow query to start",
+    )
+    conn.cancel_safe()
+    thread.join(30)
+    assert result["outcome"] == "canceled"
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 # --- raw protocol clients ---------------------------------------------------------------------
 
 

@@ -25,7 +25,6 @@ from outpost.pooler._engine import (
     Engine,
     Link,
     PoolCore,
-    accept_socket,
     mentions_keyword,
 )
 from outpost.pooler.auth import ScramServer
@@ -132,6 +131,16 @@ class Rig:
             for fn, args in self.scheduled:
                 fn(*args)
             self.scheduled.clear()
+
+    def engine_links(self) -> list[Link]:
+        """The links the engine holds (its tables, seen through the garbage collector)."""
+        import gc
+
+        found: dict[int, Link] = {}
+        for table in gc.get_referents(self.engine):
+            if isinstance(table, dict):
+                found.update((id(v), v) for v in table.values() if isinstance(v, Link))
+        return list(found.values())
 
     def close(self) -> None:
         self.engine.close()
@@ -753,75 +762,283 @@ def test_a_statement_left_uncertain_is_closed_and_prepared_again_unseen(rig: Rig
     assert conn.link.pending_answers == 0
 
 
-@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_accept_socket_hands_over_a_ready_to_use_connection(family: int) -> None:
-    """accept_socket: None while nobody waits; then the connection's fd (non-blocking, with
-    TCP_NODELAY, close-on-exec), the peer's address, and the local one only when asked."""
+class Accepting:
+    """An engine listening on a TCP socket (Engine.listen): the clients it accepts have no
+    Python session until ``materialize`` (recorded here) gives them an Owner."""
+
+    def __init__(self, rig: Rig, *, host: str = "127.0.0.1", local: bool = True) -> None:
+        self.rig = rig
+        self.made: list[Link] = []
+        self.owners: list[Owner] = []
+        self.clients: set[object] = set()
+        self.pids: dict[int, object] = {}
+        self.errors: list[tuple[int, OSError]] = []
+        engine = rig.engine
+        engine.materialize = self._materialize
+        engine.accept_error = lambda fd, exc: self.errors.append((fd, exc))
+        engine.clients = self.clients
+        engine.client_pids = self.pids
+        engine.pid_base = 3 << 24
+        self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.listener.bind((host, 0))
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+        self.address = self.listener.getsockname()[:2]
+        rig.sockets.append(self.listener)
+        engine.listen(self.listener.fileno(), self.address if local else None)
+
+    def _materialize(self, link: Link) -> None:
+        owner = Owner()
+        owner.link = link
+        link.owner = owner
+        self.made.append(link)
+        self.owners.append(owner)
+        self.clients.add(owner)
+
+    def connect(self, *, source: str | None = None) -> socket.socket:
+        app = socket.socket(self.listener.family)
+        if source is not None:
+            app.bind((source, 0))
+        app.settimeout(5)
+        app.connect(self.address)
+        self.rig.sockets.append(app)
+        return app
+
+    def accepted(self, count: int) -> list[Link]:
+        """The links of the first COUNT connections accepted (from the engine's own table)."""
+        links: list[Link] = []
+
+        def enough() -> bool:
+            links[:] = [
+                link
+                for link in self.rig.engine_links()
+                if link.peer_address is not None and link not in (self.rig.server,)
+            ]
+            return len(links) >= count
+
+        self.rig.pump(enough)
+        return links
+
+
+def fd_of_peer(sockname: tuple[str, int]) -> int:
+    """The fd of this process's socket whose peer is SOCKNAME (the end the engine accepted)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+            if sock.getpeername()[:2] == sockname[:2]:
+                return fd
+    raise AssertionError(f"no socket connected to {sockname}")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+@pytest.mark.parametrize("local", [True, False])
+def test_the_engine_accepts_connections_ready_to_use(rig: Rig, host: str, local: bool) -> None:
+    """With no login remembered, each connection the engine accepts gets its Python session at
+    once (as before the engine accepted): the socket non-blocking, with TCP_NODELAY and
+    close-on-exec, the peer's address, the pooler's end (the listener's, or asked for a
+    wildcard listener), the time it came; its first packet reaches the session."""
     import fcntl
 
-    host = "127.0.0.1" if family == socket.AF_INET else "::1"
     try:
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.bind((host, 0))
+        accepting = Accepting(rig, host=host, local=local)
     except OSError as exc:
         pytest.skip(f"no {host} here: {exc}")
-    with listener:
-        listener.listen(8)
-        listener.setblocking(False)
-        assert accept_socket(listener.fileno(), True) is None
-        port = listener.getsockname()[1]
-        clients = [socket.create_connection((host, port)) for _ in range(2)]
-        try:
-            wanted = [True, False]
-            got: list[tuple[int, str, int, str, int]] = []
-            deadline = time.monotonic() + 5
-            while len(got) < 2 and time.monotonic() < deadline:
-                accepted = accept_socket(listener.fileno(), wanted[len(got)])
-                if accepted is not None:
-                    got.append(accepted)
-            assert len(got) == 2
-            peers = {c.getsockname()[:2] for c in clients}
-            for (fd, peer_host, peer_port, local_host, local_port), want in zip(
-                got, wanted, strict=True
-            ):
-                with socket.socket(fileno=fd) as conn:
-                    assert (peer_host, peer_port) in peers
-                    assert os.get_blocking(fd) is False
-                    assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
-                    assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
-                    assert (local_host, local_port) == ((host, port) if want else ("", 0))
-            assert accept_socket(listener.fileno(), False) is None
-        finally:
-            for client in clients:
-                client.close()
-    with pytest.raises(OSError):
-        accept_socket(listener.fileno(), False)  # closed: EBADF, as an OSError
+    before = time.time()
+    apps = [accepting.connect() for _ in range(2)]
+    apps[0].sendall(startup())
+    rig.pump(lambda: len(accepting.made) == 2 and bool(accepting.owners[0].data))
+    assert rig.engine.unowned == 0
+    by_peer = {link.peer_address: link for link in accepting.made}
+    for app in apps:
+        peer = app.getsockname()[:2]
+        link = by_peer[peer]
+        assert link.local_address == accepting.address
+        assert before - 1 <= link.connect_time <= time.time() + 1
+        assert link.info is None and link.backend_key is None and not link.unowned
+        fd = fd_of_peer(peer)
+        assert os.get_blocking(fd) is False
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    first = by_peer[apps[0].getsockname()[:2]].owner
+    assert first.data == [startup()]
+    assert rig.engine.unlisten(accepting.listener.fileno()) is True
+    assert rig.engine.unlisten(accepting.listener.fileno()) is False
 
 
-def test_accept_socket_names_each_peer_host_right_past_its_cache() -> None:
+def test_the_engine_names_each_peer_host_right_past_its_cache(rig: Rig) -> None:
     """The peer's host comes as one interned str per address (the last few are kept): clients
     from more source addresses than it keeps, each twice, each get their own host's text."""
     import sys
 
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(64)
-        listener.setblocking(False)
-        port = listener.getsockname()[1]
-        sources = [f"127.0.0.{n}" for n in range(2, 14)] * 2  # 12 hosts, more than are kept
-        for source in sources:
-            with socket.socket() as client:
-                try:
-                    client.bind((source, 0))
-                except OSError as exc:
-                    pytest.skip(f"cannot connect from {source}: {exc}")
-                client.connect(("127.0.0.1", port))
-                deadline = time.monotonic() + 5
-                accepted = None
-                while accepted is None:
-                    assert time.monotonic() < deadline, "no connection to accept"
-                    accepted = accept_socket(listener.fileno(), True)
-                fd, host, _, local_host, local_port = accepted
-                os.close(fd)
-                assert host == source and sys.intern(host) is host
-                assert (local_host, local_port) == ("127.0.0.1", port)
+    accepting = Accepting(rig)
+    sources = [f"127.0.0.{n}" for n in range(2, 14)] * 2  # 12 hosts, more than are kept
+    for i, source in enumerate(sources):
+        try:
+            app = accepting.connect(source=source)
+        except OSError as exc:
+            pytest.skip(f"cannot connect from {source}: {exc}")
+        want = i + 1
+        rig.pump(lambda: len(accepting.made) == want)  # noqa: B023 - used at once
+        host, port = accepting.made[-1].peer_address or ("", 0)
+        assert (host, port) == app.getsockname()[:2]
+        assert sys.intern(host) is host
+        app.close()
+
+
+def engine_login(accepting: Accepting, *, greeting: bytes = b"R\0\0\0\x08\0\0\0\0") -> PoolCore:
+    """Remember STARTUP's md5 login with what the engine greets with, and a pool whose one
+    server connection is idle."""
+    from outpost.pooler.pool import Greeting
+
+    rig = accepting.rig
+    core = PoolCore(set())
+    core.pool_size = 1
+    state = ("public", ("UTF8",))
+    rig.server.core = core
+    rig.server.state = state
+    rig.server.generation = core.generation
+    core.push_idle(rig.server)
+    info = ("route", "pool", "startup", Greeting({}, {}, state, greeting), core)
+    rig.engine.logins[STARTUP] = (MD5_SECRET, time.monotonic() + 60, info)
+    return core
+
+
+def log_in(accepting: Accepting) -> tuple[socket.socket, int, int]:
+    """A client that logs in with the remembered packet; its BackendKeyData."""
+    app = accepting.connect()
+    app.sendall(startup())
+    salt = md5_request(app, accepting.rig)
+    app.sendall(msg(b"p", md5_answer(salt)))
+    greeting = recv_exactly(app, 9 + 13 + 6, accepting.rig)
+    assert greeting[:9] == b"R\0\0\0\x08\0\0\0\0"  # AuthenticationOk (the greeting kept)
+    assert greeting[9:14] == b"K\0\0\0\x0c" and greeting[22:] == READY_IDLE
+    pid, key = struct.unpack("!ii", greeting[14:22])
+    return app, pid, key
+
+
+def test_a_remembered_login_and_its_transactions_run_without_python(rig: Rig) -> None:
+    """A client whose startup packet Python remembered is accepted, logged in (md5), greeted
+    with a backend key of the engine's own, served a transaction from the pool's idle server
+    connection and closed by its Terminate, all without a Python session or callback."""
+    accepting = Accepting(rig)
+    core = engine_login(accepting)
+    app, pid, key = log_in(accepting)
+    assert pid >> 24 == 3 and pid & 0x800000  # the worker's, in the engine's half
+    assert rig.engine.unowned == 1 and accepting.made == []
+    [link] = accepting.accepted(1)
+    assert link.unowned and link.owner is None and link.backend_key == (pid, key)
+    assert link.info[0] == "route" and link.core is core
+    app.sendall(query("select 1"))
+    assert recv_exactly(rig.db, len(query("select 1")), rig) == query("select 1")
+    answer = msg(b"C", b"SELECT 1\0") + READY_IDLE
+    rig.db.sendall(answer)
+    assert recv_exactly(app, len(answer), rig) == answer
+    rig.pump(lambda: core.idle_count == 1)
+    assert core.xact_count == 1
+    app.sendall(msg(b"X"))
+    rig.pump(lambda: link.closed)
+    assert rig.engine.unowned == 0 and accepting.made == []
+    assert rig.engine.session_of(pid) is None
+    # a second one gets another pid
+    _, pid2, _ = log_in(accepting)
+    assert pid2 != pid
+
+
+def test_a_client_run_alone_gets_its_session_when_python_is_needed(rig: Rig) -> None:
+    """Materialized once, with what the engine sent, when: a message needs Python, a cancel
+    request names its pid (session_of), a listing needs every client (materialize_all), a
+    login takes too long (materialize_logins); the client vanishing mid-transaction gets its
+    session so that Python can roll the server connection back."""
+    accepting = Accepting(rig)
+    engine_login(accepting)
+    app, pid, key = log_in(accepting)
+    app.sendall(query("set search_path = x"))  # (Python's: it names search_path)
+    rig.pump(lambda: len(accepting.made) == 1 and bool(accepting.owners[0].messages))
+    [link] = accepting.made
+    owner = accepting.owners[0]
+    assert owner.messages == [(ord("Q"), b"set search_path = x\0")]
+    assert link.owner is owner and not link.unowned and link.backend_key == (pid, key)
+    assert rig.engine.unowned == 0
+    core = link.core
+    assert core is not None and link.peer is rig.server  # (forwarded: the reply was None)
+    assert recv_exactly(rig.db, len(query("set search_path = x")), rig) == query(
+        "set search_path = x"
+    )
+    rig.db.sendall(msg(b"C", b"SET\0") + READY_IDLE)
+    rig.pump(lambda: core.idle_count == 1)
+    # by pid
+    _, pid2, _ = log_in(accepting)
+    assert rig.engine.unowned == 1
+    assert rig.engine.session_of(pid2) is accepting.owners[-1] and len(accepting.made) == 2
+    assert rig.engine.session_of(pid2) is None  # (Python's own map has it now)
+    # all of them
+    log_in(accepting)
+    log_in(accepting)
+    assert rig.engine.unowned == 2
+    rig.engine.materialize_all()
+    assert rig.engine.unowned == 0 and len(accepting.made) == 4
+    # those logging in since before a time
+    slow = accepting.connect()
+    slow.sendall(startup())
+    md5_request(slow, rig)  # and no answer
+    assert rig.engine.unowned == 1
+    rig.engine.materialize_logins(time.monotonic() - 60)
+    assert rig.engine.unowned == 1  # not late yet
+    rig.engine.materialize_logins(time.monotonic())
+    assert rig.engine.unowned == 0 and accepting.made[-1].info is None
+    # mid-transaction and gone
+    quick, _, _ = log_in(accepting)
+    [busy] = [link for link in accepting.accepted(6) if link.unowned]
+    quick.sendall(query("select 1"))
+    assert recv_exactly(rig.db, len(query("select 1")), rig) == query("select 1")
+    assert busy.peer is rig.server and busy.unowned
+    quick.close()
+    rig.pump(lambda: busy.closed)
+    assert busy.owner is accepting.owners[-1] and rig.engine.unowned == 0
+    rig.pump(lambda: bool(accepting.owners[-1].lost))
+
+
+def test_a_wrong_password_or_a_full_pooler_is_left_to_python(rig: Rig) -> None:
+    """A wrong md5 answer: the session is made and hears the outcome (Python says why). Past
+    max_clients a connection gets its session at once, and Python refuses it."""
+    accepting = Accepting(rig)
+    engine_login(accepting)
+    app = accepting.connect()
+    app.sendall(startup())
+    md5_request(app, rig)
+    app.sendall(msg(b"p", md5_answer(b"salt")))
+    rig.pump(lambda: bool(accepting.owners) and bool(accepting.owners[0].logins))
+    _, kind, outcome, _ = accepting.owners[0].logins[0]
+    assert (kind, outcome) == (ord("p"), 0)
+    rig.engine.max_clients = 1  # (the session above counts)
+    full = accepting.connect()
+    full.sendall(startup())
+    rig.pump(lambda: len(accepting.made) == 2 and bool(accepting.owners[1].data))
+    assert accepting.owners[1].data == [startup()] and accepting.made[1].login == 0
+
+
+def test_an_accept_failure_drops_the_listener_and_tells_python(rig: Rig) -> None:
+    """Out of file descriptors (a real EMFILE, from a lowered RLIMIT_NOFILE): the listener is
+    dropped and Python hears it once, with the OSError; listened on again, the connection
+    that waited is accepted."""
+    import errno
+    import resource
+
+    accepting = Accepting(rig)
+    app = accepting.connect()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        rig.pump(lambda: bool(accepting.errors))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    [(fd, exc)] = accepting.errors
+    assert fd == accepting.listener.fileno() and exc.errno == errno.EMFILE
+    assert accepting.made == []
+    assert rig.engine.unlisten(fd) is False  # dropped
+    rig.engine.listen(fd, accepting.address)
+    rig.pump(lambda: len(accepting.made) == 1)
+    assert accepting.made[0].peer_address == app.getsockname()[:2]

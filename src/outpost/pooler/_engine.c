@@ -58,6 +58,22 @@
  * the Python path gives. Anything else (a packet not there or expired, a malformed one) goes
  * to Python's _on_data as if the engine had not looked; an SSLRequest or GSSENCRequest is
  * answered 'N' (no TLS on this path).
+ *
+ * Clients without a Python session: the engine accepts the connections of the listeners Python
+ * gives it (Engine.listen) in its own epoll set. Such a client link starts with owner None
+ * ('unowned'). When its startup packet is one Python remembered and max_client_conn allows,
+ * the engine runs the login, and when it matches greets the client itself with what Python
+ * kept with the login (AuthenticationOk and the ParameterStatus messages, the state and the
+ * PoolCore) and BackendKeyData with a pid of its own (ENGINE_PID_BIT set; Engine.pids maps it
+ * to the link); its transactions then go through fast_checkout/fast_release and a Terminate
+ * closes it, all without Python. Whenever the engine would call the client's owner, or the
+ * client must wait in the pool's queue, or it vanishes while paired, the owner is made first:
+ * Engine.materialize(link) (Python's PoolerServer._materialize) builds the session from what
+ * the link keeps (peer and local address, connect time, the login's info, the backend key).
+ * Python asks for the same for all (materialize_all: listings, shutdown), by pid (session_of:
+ * cancel requests) or for logins past a time (materialize_logins: login timeouts). A
+ * connection that arrives with no login remembered, or past max_client_conn, is materialized
+ * at once and logs in through Python as before.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -83,6 +99,14 @@
 
 typedef struct EngineObject EngineObject;
 typedef struct LinkObject LinkObject;
+
+#define MAX_LISTENERS 16
+#define ENGINE_PID_BIT 0x800000 /* the engine's backend pids; Python's have it clear */
+
+typedef struct {
+    int fd;
+    PyObject *local; /* (host, port) the connections have; NULL: ask (a wildcard listener) */
+} Listener;
 
 /* --- PoolCore: what the engine needs of a pool to hand out and take back connections ------ */
 
@@ -118,6 +142,21 @@ struct EngineObject {
     int rand_left;
     int polling;    /* in Engine.poll: links closed meanwhile are told at its end */
     PyObject *lost; /* list of (owner, exc or None) to call connection_lost on at poll's end */
+    /* connections the engine accepts itself (Engine.listen): see "Clients without a Python
+       session" at the top */
+    Listener listeners[MAX_LISTENERS];
+    int nlisteners;
+    PyObject *materialize;  /* materialize(link): give the link its Python session */
+    PyObject *accept_error; /* accept_error(listen fd, OSError): the listener was dropped */
+    PyObject *clients;      /* Python's set of sessions (counted against max_clients) */
+    PyObject *client_pids;  /* Python's dict pid -> session (the engine's pids avoid them) */
+    PyObject *pids;         /* pid (int) -> link: logged in here, no Python session yet */
+    PyObject *no_extra;     /* {} : get_extra_info of an accepted link */
+    long max_clients;       /* max_client_conn */
+    long pid_base;          /* (worker id + 1) << 24 */
+    int client_txn;         /* transaction pooling: the accepted links' txn */
+    uint32_t next_pid;
+    Py_ssize_t unowned; /* client links without a Python session */
 };
 
 typedef struct {
@@ -157,6 +196,14 @@ struct LinkObject {
     PyObject *login_with;
     PyObject *scram; /* SCRAM so far: (client-first-bare, gs2 header, nonce, server-first) */
     char salt[4];
+    /* a client the engine accepted and may run alone (owner None until materialized) */
+    int unowned;
+    int peer_port;
+    PyObject *peer_host; /* interned str */
+    PyObject *local;     /* (host, port) of the pooler's end */
+    PyObject *info;      /* logged in here: (route, pool, startup, greeting, core) */
+    double connect_time; /* wall clock */
+    uint32_t pid, key;   /* logged in here: its BackendKeyData */
     /* output (raw mode) */
     char *out;
     Py_ssize_t out_start, out_end, out_cap;
@@ -175,6 +222,8 @@ struct LinkObject {
 
 static PyTypeObject LinkType;
 static PyTypeObject EngineType;
+
+static PyObject *address_text(struct sockaddr_storage *addr, int *port);
 
 static PyObject *s_on_data, *s_engine_message, *s_engine_terminate, *s_engine_bad_length,
     *s_engine_release, *s_on_ready, *s_engine_param, *s_unanswered, *s_connection_lost,
@@ -291,10 +340,61 @@ static void update_events(LinkObject *l) {
     l->events = ev;
 }
 
+/* A client link the engine no longer runs alone: out of its count and its pid map. */
+static void link_disown(LinkObject *l) {
+    if (!l->unowned)
+        return;
+    l->unowned = 0;
+    EngineObject *e = l->engine;
+    if (e != NULL) {
+        e->unowned--;
+        if (l->pid && e->pids != NULL) {
+            PyObject *key = PyLong_FromUnsignedLong(l->pid);
+            if (key == NULL || PyDict_DelItem(e->pids, key) < 0)
+                PyErr_Clear();
+            Py_XDECREF(key);
+        }
+    }
+}
+
+/* The Python side of L (borrowed), made now (Engine.materialize) when the engine has run this
+ * client alone so far; NULL with an exception. */
+static PyObject *link_owner(LinkObject *l) {
+    if (!l->unowned) {
+        if (l->owner == NULL)
+            PyErr_SetString(PyExc_RuntimeError, "the link has no owner");
+        return l->owner;
+    }
+    EngineObject *e = l->engine;
+    if (e == NULL || e->materialize == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a client link without a session and no way to make one");
+        return NULL;
+    }
+    link_disown(l);
+    PyObject *r = PyObject_CallOneArg(e->materialize, (PyObject *)l);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    if (l->owner == Py_None) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine.materialize left the link without an owner");
+        return NULL;
+    }
+    return l->owner;
+}
+
 /* Close the socket and tell the owner (later, from the loop), once. EXC may be NULL. */
 static void link_finish(LinkObject *l, PyObject *exc) {
     if (l->closed)
         return;
+    if (l->unowned) {
+        if (l->peer != NULL || l->waiting) {
+            /* mid-transaction: Python's connection_lost rolls the server connection back */
+            if (link_owner(l) == NULL)
+                PyErr_WriteUnraisable((PyObject *)l);
+        } else {
+            link_disown(l); /* nothing to tell anyone */
+        }
+    }
     l->closed = 1;
     l->out_start = l->out_end = 0;
     if (l->fd >= 0) {
@@ -448,7 +548,8 @@ static int call_on_data(LinkObject *l, const char *data, Py_ssize_t n) {
     PyObject *b = PyBytes_FromStringAndSize(data, n);
     if (b == NULL)
         return -1;
-    PyObject *r = call1(l->owner, s_on_data, b);
+    PyObject *owner = link_owner(l);
+    PyObject *r = owner != NULL ? call1(owner, s_on_data, b) : NULL;
     Py_DECREF(b);
     if (r == NULL)
         return -1;
@@ -457,8 +558,11 @@ static int call_on_data(LinkObject *l, const char *data, Py_ssize_t n) {
 }
 
 static int call_bad_length(LinkObject *l, int kind, uint32_t length) {
+    PyObject *owner = link_owner(l);
+    if (owner == NULL)
+        return -1;
     PyObject *k = PyLong_FromLong(kind), *len = PyLong_FromUnsignedLong(length);
-    PyObject *r = (k && len) ? PyObject_CallMethodObjArgs(l->owner, s_engine_bad_length, k, len,
+    PyObject *r = (k && len) ? PyObject_CallMethodObjArgs(owner, s_engine_bad_length, k, len,
                                                            NULL)
                              : NULL;
     Py_XDECREF(k);
@@ -700,7 +804,10 @@ static int fast_checkout(LinkObject *c, const char *data, Py_ssize_t n) {
     }
     if (core->idle_len || core_total(core) < core->pool_size)
         return 0; /* a connection to prepare, or one to open: Python's work */
-    /* wait for a connection in the queue, holding the bytes */
+    /* wait for a connection in the queue, holding the bytes (with a session: Python's
+       timeouts and hand-overs see the queue) */
+    if (c->unowned && link_owner(c) == NULL)
+        return -1;
     if (pend_append(c, c->part, c->part_len) < 0 || pend_append(c, data, n) < 0)
         return -1;
     c->part_len = 0;
@@ -817,7 +924,8 @@ static int scan_client(LinkObject *c, LinkObject *s, const char *data, Py_ssize_
         } else if (kind == 'X') {
             if (link_out(s, data + start, pos - start) < 0)
                 return -1;
-            PyObject *r = PyObject_CallMethodNoArgs(c->owner, s_engine_terminate);
+            PyObject *owner = link_owner(c);
+            PyObject *r = owner ? PyObject_CallMethodNoArgs(owner, s_engine_terminate) : NULL;
             if (r == NULL)
                 return -1;
             Py_DECREF(r);
@@ -845,8 +953,9 @@ static int scan_client(LinkObject *c, LinkObject *s, const char *data, Py_ssize_
             PyObject *bodyb = PyBytes_FromStringAndSize(body, blen);
             if (bodyb == NULL)
                 return -1;
-            PyObject *k = PyLong_FromLong(kind);
-            PyObject *r = k ? PyObject_CallMethodObjArgs(c->owner, s_engine_message, k, bodyb, NULL)
+            PyObject *owner = link_owner(c);
+            PyObject *k = owner ? PyLong_FromLong(kind) : NULL;
+            PyObject *r = k ? PyObject_CallMethodObjArgs(owner, s_engine_message, k, bodyb, NULL)
                             : NULL;
             Py_XDECREF(k);
             Py_DECREF(bodyb);
@@ -901,7 +1010,8 @@ static int scan_client(LinkObject *c, LinkObject *s, const char *data, Py_ssize_
         return -1;
     if (txn && !s->syncs && !s->unsynced && c->peer == s && !c->part_len && !c->remain &&
         s->status == 'I' && !s->remain && !s->part_len) {
-        PyObject *r = PyObject_CallMethodNoArgs(c->owner, s_engine_release);
+        PyObject *owner = link_owner(c);
+        PyObject *r = owner ? PyObject_CallMethodNoArgs(owner, s_engine_release) : NULL;
         if (r == NULL)
             return -1;
         Py_DECREF(r);
@@ -993,7 +1103,8 @@ static int scan_server(LinkObject *s, LinkObject *c, const char *data, Py_ssize_
         int done = fast_release(s, c);
         if (done)
             return done < 0 ? -1 : 0;
-        PyObject *r = call1(c->owner, s_on_ready, s->owner);
+        PyObject *owner = link_owner(c);
+        PyObject *r = owner ? call1(owner, s_on_ready, s->owner) : NULL;
         if (r == NULL)
             return -1;
         Py_DECREF(r);
@@ -1086,11 +1197,11 @@ static int login_done(LinkObject *l, int kind, int outcome, PyObject *rest) {
     l->login_with = NULL;
     l->login = 0;
     login_forget_buffer(l); /* (REST is a copy) */
-    PyObject *r = NULL;
+    PyObject *r = NULL, *owner = link_owner(l);
     PyObject *b = rest != NULL ? Py_NewRef(rest) : PyBytes_FromStringAndSize(NULL, 0);
     PyObject *k = PyLong_FromLong(kind), *o = PyLong_FromLong(outcome);
-    if (b != NULL && k != NULL && o != NULL) {
-        PyObject *args[] = {l->owner, PyTuple_GET_ITEM(with, 2), k, o, b};
+    if (owner != NULL && b != NULL && k != NULL && o != NULL) {
+        PyObject *args[] = {owner, PyTuple_GET_ITEM(with, 2), k, o, b};
         r = PyObject_VectorcallMethod(s_engine_login, args, 5, NULL);
     }
     Py_XDECREF(b);
@@ -1101,6 +1212,93 @@ static int login_done(LinkObject *l, int kind, int outcome, PyObject *rest) {
         return -1;
     Py_DECREF(r);
     return 0;
+}
+
+/* A backend pid of the engine's own (ENGINE_PID_BIT set: Python's never have it) that neither
+ * side has given to a connected client, as an int; NULL with an exception. */
+static PyObject *engine_pid(EngineObject *e) {
+    for (long tries = 0; tries < ENGINE_PID_BIT; tries++) {
+        e->next_pid = (e->next_pid + 1) & (ENGINE_PID_BIT - 1);
+        if (!e->next_pid)
+            continue;
+        PyObject *key = PyLong_FromLong(e->pid_base | ENGINE_PID_BIT | (long)e->next_pid);
+        if (key == NULL)
+            return NULL;
+        int taken = PyDict_Contains(e->pids, key);
+        if (taken == 0 && e->client_pids != NULL && PyDict_Check(e->client_pids))
+            taken = PyDict_Contains(e->client_pids, key);
+        if (taken == 0)
+            return key;
+        Py_DECREF(key);
+        if (taken < 0)
+            return NULL;
+    }
+    PyErr_SetString(PyExc_RuntimeError, "every backend pid is in use");
+    return NULL;
+}
+
+/* The login the engine ran for a client without a Python session matched: greet it as
+ * ClientSession._logged_in does (FINAL: the AuthenticationSASLFinal first, or NULL for md5;
+ * then AuthenticationOk and the ParameterStatus messages of the greeting Python kept with the
+ * login, BackendKeyData with a pid of the engine's own, ReadyForQuery) and go on with REST,
+ * still without Python. 1 done; 0 Python's to finish (nothing kept to greet with, or
+ * max_client_conn reached: Python says so); -1 an exception. */
+static int login_here(LinkObject *l, PyObject *final, PyObject *rest) {
+    EngineObject *e = l->engine;
+    PyObject *info = PyTuple_GET_ITEM(l->login_with, 2);
+    if (!PyTuple_Check(info) || PyTuple_GET_SIZE(info) != 5 || e->clients == NULL ||
+        !PyAnySet_Check(e->clients) || e->pids == NULL)
+        return 0;
+    PyObject *greeting = PyTuple_GET_ITEM(info, 3), *core = PyTuple_GET_ITEM(info, 4);
+    if (!PyTuple_Check(greeting) || PyTuple_GET_SIZE(greeting) != 4 ||
+        !PyObject_TypeCheck(core, &PoolCoreType) || !PyBytes_Check(PyTuple_GET_ITEM(greeting, 3)))
+        return 0;
+    if (PySet_GET_SIZE(e->clients) + e->unowned > e->max_clients)
+        return 0;
+    PyObject *messages = PyTuple_GET_ITEM(greeting, 3);
+    PyObject *pid = engine_pid(e);
+    if (pid == NULL)
+        return -1;
+    char key[4];
+    if (engine_random(e, key, 4) < 0 || PyDict_SetItem(e->pids, pid, (PyObject *)l) < 0) {
+        Py_DECREF(pid);
+        return -1;
+    }
+    key[0] &= 0x7F;
+    l->pid = (uint32_t)PyLong_AsLong(pid);
+    l->key = be32(key);
+    Py_DECREF(pid);
+    Py_ssize_t flen = final != NULL ? PyBytes_GET_SIZE(final) : 0;
+    Py_ssize_t mlen = PyBytes_GET_SIZE(messages), total = flen + mlen + 19;
+    char *out = PyMem_Malloc(total);
+    if (out == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (flen)
+        memcpy(out, PyBytes_AS_STRING(final), flen);
+    memcpy(out + flen, PyBytes_AS_STRING(messages), mlen);
+    char *k = out + flen + mlen;
+    uint32_t npid = htonl(l->pid);
+    k[0] = 'K';
+    memcpy(k + 1, "\0\0\0\x0c", 4);
+    memcpy(k + 5, &npid, 4);
+    memcpy(k + 9, key, 4);
+    memcpy(k + 13, "Z\0\0\0\x05I", 6);
+    Py_XSETREF(l->info, Py_NewRef(info));
+    Py_XSETREF(l->state, Py_NewRef(PyTuple_GET_ITEM(greeting, 2)));
+    Py_XSETREF(l->core, (PoolCoreObject *)Py_NewRef(core));
+    l->login = 0;
+    Py_CLEAR(l->login_with);
+    Py_CLEAR(l->scram);
+    login_forget_buffer(l);
+    int rc = link_out(l, out, total);
+    PyMem_Free(out);
+    if (rc < 0)
+        return -1;
+    if (PyBytes_GET_SIZE(rest) && dispatch(l, PyBytes_AS_STRING(rest), PyBytes_GET_SIZE(rest)) < 0)
+        return -1;
+    return 1;
 }
 
 /* --- SCRAM-SHA-256 logins (auth.ScramServer is the reference: see the comment at the top) -- */
@@ -1174,9 +1372,9 @@ static int scram_done(LinkObject *l, int outcome, PyObject *data, PyObject *extr
     l->scram = NULL;
     l->login = 0;
     login_forget_buffer(l); /* (DATA is a copy) */
-    PyObject *r = NULL, *o = PyLong_FromLong(outcome);
+    PyObject *r = NULL, *owner = link_owner(l), *o = owner ? PyLong_FromLong(outcome) : NULL;
     if (o != NULL) {
-        PyObject *args[] = {l->owner, PyTuple_GET_ITEM(with, 2), o, data,
+        PyObject *args[] = {owner, PyTuple_GET_ITEM(with, 2), o, data,
                             extra != NULL ? extra : (outcome == 3 ? state : Py_None)};
         r = PyObject_VectorcallMethod(s_engine_scram_login, args, 5, NULL);
         Py_DECREF(o);
@@ -1426,7 +1624,11 @@ static int login_dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
                         Py_XDECREF(final);
                         return -1;
                     }
-                    rc = rc ? scram_done(l, 1, final, rest) : scram_done(l, 0, rest, NULL);
+                    int here = rc && l->unowned ? login_here(l, final, rest) : 0;
+                    if (here)
+                        rc = here < 0 ? -1 : 0;
+                    else
+                        rc = rc ? scram_done(l, 1, final, rest) : scram_done(l, 0, rest, NULL);
                     Py_XDECREF(final);
                     Py_DECREF(rest);
                     return rc;
@@ -1462,7 +1664,11 @@ static int login_dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
         PyObject *rest = PyBytes_FromStringAndSize(buf + pos, len - pos);
         if (rest == NULL)
             return -1;
-        int rc = login_done(l, kind, ok, rest);
+        int rc = ok && l->unowned ? login_here(l, NULL, rest) : 0;
+        if (rc)
+            rc = rc < 0 ? -1 : 0;
+        else
+            rc = login_done(l, kind, ok, rest);
         Py_DECREF(rest);
         return rc;
     }
@@ -1485,7 +1691,10 @@ to_python:
         login_forget_buffer(l);
         if (b == NULL)
             return -1;
-        PyObject *r = PyBytes_GET_SIZE(b) ? call1(l->owner, s_on_data, b) : Py_NewRef(Py_None);
+        PyObject *owner = link_owner(l); /* (even with no bytes: Python takes the login on) */
+        PyObject *r = owner == NULL           ? NULL
+                      : PyBytes_GET_SIZE(b) ? call1(owner, s_on_data, b)
+                                            : Py_NewRef(Py_None);
         Py_DECREF(b);
         if (r == NULL)
             return -1;
@@ -1516,7 +1725,8 @@ static int dispatch(LinkObject *l, const char *data, Py_ssize_t n) {
                 return -1;
             memcpy(PyBytes_AS_STRING(b), l->part, plen);
             memcpy(PyBytes_AS_STRING(b) + plen, data, n);
-            PyObject *r = call1(l->owner, s_on_data, b);
+            PyObject *owner = link_owner(l);
+            PyObject *r = owner ? call1(owner, s_on_data, b) : NULL;
             Py_DECREF(b);
             if (r == NULL)
                 return -1;
@@ -1566,6 +1776,9 @@ static int Link_traverse(LinkObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->state);
     Py_VISIT(self->login_with);
     Py_VISIT(self->scram);
+    Py_VISIT(self->peer_host);
+    Py_VISIT(self->local);
+    Py_VISIT(self->info);
     for (Py_ssize_t i = 0; i < self->exp_len; i++)
         Py_VISIT(self->exp[(self->exp_head + i) % self->exp_cap].name);
     return 0;
@@ -1580,6 +1793,9 @@ static int Link_clear(LinkObject *self) {
     Py_CLEAR(self->state);
     Py_CLEAR(self->login_with);
     Py_CLEAR(self->scram);
+    Py_CLEAR(self->peer_host);
+    Py_CLEAR(self->local);
+    Py_CLEAR(self->info);
     expect_clear(self);
     Py_CLEAR(self->engine);
     return 0;
@@ -1898,7 +2114,46 @@ static PyObject *Link_take_pending(LinkObject *self, PyObject *Py_UNUSED(ignored
     return b;
 }
 
+static PyObject *Link_materialize(LinkObject *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *owner = link_owner(self);
+    return owner != NULL ? Py_NewRef(owner) : NULL;
+}
+
+static PyObject *Link_get_peer_address(LinkObject *self, void *Py_UNUSED(closure)) {
+    if (self->peer_host == NULL)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(Oi)", self->peer_host, self->peer_port);
+}
+
+static PyObject *Link_get_local_address(LinkObject *self, void *Py_UNUSED(closure)) {
+    return Py_NewRef(self->local != NULL ? self->local : Py_None);
+}
+
+static PyObject *Link_get_info(LinkObject *self, void *Py_UNUSED(closure)) {
+    return Py_NewRef(self->info != NULL ? self->info : Py_None);
+}
+
+static PyObject *Link_get_backend_key(LinkObject *self, void *Py_UNUSED(closure)) {
+    if (!self->pid)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(ll)", (long)self->pid, (long)self->key);
+}
+
+static PyObject *Link_get_unowned(LinkObject *self, void *Py_UNUSED(closure)) {
+    return PyBool_FromLong(self->unowned);
+}
+
 static PyGetSetDef Link_getset[] = {
+    {"peer_address", (getter)Link_get_peer_address, NULL,
+     "an accepted client's (host, port), or None", NULL},
+    {"local_address", (getter)Link_get_local_address, NULL,
+     "an accepted client's (host, port) of the pooler's end, or None", NULL},
+    {"info", (getter)Link_get_info, NULL,
+     "logged in by the engine: (route, pool, startup, greeting, core); else None", NULL},
+    {"backend_key", (getter)Link_get_backend_key, NULL,
+     "logged in by the engine: the (pid, key) it sent; else None", NULL},
+    {"unowned", (getter)Link_get_unowned, NULL,
+     "a client the engine runs alone (no Python session yet)", NULL},
     {"partial", (getter)Link_get_partial, (setter)Link_set_partial,
      "bytes of a message cut in two, kept until the rest arrives", NULL},
     {"peer", (getter)Link_get_peer, NULL, "the paired link, or None", NULL},
@@ -1938,6 +2193,8 @@ static PyMemberDef Link_members[] = {
     {"waiting", T_INT, offsetof(LinkObject, waiting), 0, "client: in the pool's queue"},
     {"holding", T_INT, offsetof(LinkObject, holding), 0,
      "client: bytes are held until a server connection is ready"},
+    {"connect_time", T_DOUBLE, offsetof(LinkObject, connect_time), READONLY,
+     "an accepted client: when it connected (Unix time)"},
     {"login", T_INT, offsetof(LinkObject, login), 0,
      "client: the engine reads its startup packet (1) and may run its md5 or SCRAM login"},
     {NULL},
@@ -1959,6 +2216,8 @@ static PyMethodDef Link_methods[] = {
      "Send through this asyncio transport (TLS)."},
     {"adopt", (PyCFunction)Link_adopt, METH_VARARGS,
      "adopt(engine, fd, extra): the engine owns socket FD from now on."},
+    {"materialize", (PyCFunction)Link_materialize, METH_NOARGS,
+     "The owner, made by Engine.materialize first for a client the engine ran alone."},
     {"read_now", (PyCFunction)Link_read_now, METH_NOARGS,
      "Read what the socket already has, without waiting for the engine's poll."},
     {"expect", (PyCFunction)Link_expect, METH_VARARGS,
@@ -2229,8 +2488,15 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     self->links = PyDict_New();
     self->logins = PyDict_New();
     self->lost = PyList_New(0);
+    self->pids = PyDict_New();
+    self->no_extra = PyDict_New();
     self->rbuf = PyMem_Malloc(READ_SIZE);
-    if (self->links == NULL || self->logins == NULL || self->lost == NULL || self->rbuf == NULL) {
+    for (int i = 0; i < MAX_LISTENERS; i++)
+        self->listeners[i].fd = -1;
+    self->max_clients = LONG_MAX;
+    self->client_txn = 1;
+    if (self->links == NULL || self->logins == NULL || self->lost == NULL || self->rbuf == NULL ||
+        self->pids == NULL || self->no_extra == NULL) {
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
@@ -2242,6 +2508,14 @@ static int Engine_traverse(EngineObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->links);
     Py_VISIT(self->logins);
     Py_VISIT(self->lost);
+    Py_VISIT(self->materialize);
+    Py_VISIT(self->accept_error);
+    Py_VISIT(self->clients);
+    Py_VISIT(self->client_pids);
+    Py_VISIT(self->pids);
+    Py_VISIT(self->no_extra);
+    for (int i = 0; i < MAX_LISTENERS; i++)
+        Py_VISIT(self->listeners[i].local);
     return 0;
 }
 
@@ -2250,6 +2524,14 @@ static int Engine_clear_refs(EngineObject *self) {
     Py_CLEAR(self->links);
     Py_CLEAR(self->logins);
     Py_CLEAR(self->lost);
+    Py_CLEAR(self->materialize);
+    Py_CLEAR(self->accept_error);
+    Py_CLEAR(self->clients);
+    Py_CLEAR(self->client_pids);
+    Py_CLEAR(self->pids);
+    Py_CLEAR(self->no_extra);
+    for (int i = 0; i < MAX_LISTENERS; i++)
+        Py_CLEAR(self->listeners[i].local);
     return 0;
 }
 
@@ -2282,6 +2564,229 @@ static void link_read(EngineObject *engine, LinkObject *l) {
     }
 }
 
+/* --- clients the engine accepts (Engine.listen) ---------------------------------------------- */
+
+static double now_wall(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts); /* what time.time() reads */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void listener_drop(EngineObject *e, Listener *ls) {
+    if (ls->fd < 0)
+        return;
+    if (e->epfd >= 0)
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, ls->fd, NULL);
+    ls->fd = -1;
+    Py_CLEAR(ls->local);
+}
+
+/* A connection accepted on LS (FD, from ADDR): a client link with no Python session, which
+ * reads its startup packet at once (a client sends it with its connect). The engine runs its
+ * login when Python remembered the packet (Engine.logins) and max_client_conn allows; else it
+ * is materialized now and Python logs it in, as before the engine accepted. */
+static int engine_take_client(EngineObject *e, Listener *ls, int fd, struct sockaddr_storage *addr) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    LinkObject *l = (LinkObject *)LinkType.tp_alloc(&LinkType, 0);
+    if (l == NULL) {
+        close(fd);
+        return -1;
+    }
+    l->owner = Py_NewRef(Py_None);
+    l->txn = e->client_txn;
+    l->status = 'I';
+    l->reading = 1;
+    l->forwarding = 1;
+    l->fd = -1;
+    int port = 0;
+    l->peer_host = address_text(addr, &port);
+    l->peer_port = port;
+    if (l->peer_host == NULL)
+        goto fail;
+    if (ls->local != NULL) {
+        l->local = Py_NewRef(ls->local);
+    } else { /* a wildcard listener: the address this connection came to */
+        socklen_t alen = sizeof(*addr);
+        int local_port = 0;
+        PyObject *host = getsockname(fd, (struct sockaddr *)addr, &alen) == 0
+                             ? address_text(addr, &local_port)
+                             : PyUnicode_InternFromString("");
+        if (host == NULL || (l->local = Py_BuildValue("(Ni)", host, local_port)) == NULL)
+            goto fail;
+    }
+    l->connect_time = now_wall();
+    l->request_at = now_mono();
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = l};
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
+    }
+    PyObject *key = PyLong_FromLong(fd);
+    if (key == NULL || PyDict_SetItem(e->links, key, (PyObject *)l) < 0) {
+        Py_XDECREF(key);
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+        goto fail;
+    }
+    Py_DECREF(key);
+    l->fd = fd;
+    l->events = EPOLLIN;
+    l->engine = (EngineObject *)Py_NewRef(e);
+    l->extra = Py_NewRef(e->no_extra);
+    l->unowned = 1;
+    e->unowned++;
+    if (PyDict_GET_SIZE(e->logins) && PySet_GET_SIZE(e->clients) + e->unowned <= e->max_clients) {
+        l->login = LOGIN_STARTUP;
+    } else if (link_owner(l) == NULL) {
+        link_finish(l, NULL);
+        Py_DECREF(l);
+        return -1;
+    }
+    link_read(e, l);
+    Py_DECREF(l);
+    return 0;
+fail:
+    close(fd);
+    Py_DECREF(l);
+    return -1;
+}
+
+/* Accept what LS has waiting: at most 64, then the loop does other work (epoll reports the
+ * listener again). A failure other than a connection already gone (out of file descriptors,
+ * say) drops the listener and tells Python (accept_error), which tries again later. */
+static void engine_accept(EngineObject *e, Listener *ls) {
+    for (int i = 0; i < 64 && ls->fd >= 0 && e->epfd >= 0; i++) {
+        struct sockaddr_storage addr;
+        socklen_t alen = sizeof(addr);
+        int fd = accept4(ls->fd, (struct sockaddr *)&addr, &alen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO)
+                continue; /* that one is gone: the next */
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return;
+            int err = errno, lfd = ls->fd;
+            listener_drop(e, ls);
+            PyObject *exc = os_error(err), *fdo = PyLong_FromLong(lfd), *r = NULL;
+            if (exc != NULL && fdo != NULL && e->accept_error != NULL && e->accept_error != Py_None)
+                r = PyObject_CallFunctionObjArgs(e->accept_error, fdo, exc, NULL);
+            else
+                r = Py_NewRef(Py_None);
+            if (r == NULL)
+                PyErr_WriteUnraisable((PyObject *)e);
+            Py_XDECREF(r);
+            Py_XDECREF(exc);
+            Py_XDECREF(fdo);
+            return;
+        }
+        if (engine_take_client(e, ls, fd, &addr) < 0)
+            PyErr_WriteUnraisable((PyObject *)e);
+    }
+}
+
+static PyObject *Engine_listen(EngineObject *self, PyObject *args) {
+    int fd;
+    PyObject *local;
+    if (!PyArg_ParseTuple(args, "iO", &fd, &local))
+        return NULL;
+    if (self->epfd < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine is closed");
+        return NULL;
+    }
+    if (self->materialize == NULL || self->materialize == Py_None || self->clients == NULL ||
+        !PyAnySet_Check(self->clients)) {
+        PyErr_SetString(PyExc_RuntimeError, "set Engine.materialize and Engine.clients first");
+        return NULL;
+    }
+    if (local != Py_None && !PyTuple_Check(local)) {
+        PyErr_SetString(PyExc_TypeError, "local is a (host, port) tuple or None");
+        return NULL;
+    }
+    Listener *slot = NULL;
+    for (int i = 0; i < MAX_LISTENERS; i++) {
+        if (self->listeners[i].fd == fd) {
+            PyErr_Format(PyExc_RuntimeError, "fd %d is listened on already", fd);
+            return NULL;
+        }
+        if (slot == NULL && self->listeners[i].fd < 0)
+            slot = &self->listeners[i];
+    }
+    if (slot == NULL) {
+        PyErr_Format(PyExc_RuntimeError, "at most %d listeners", MAX_LISTENERS);
+        return NULL;
+    }
+    struct epoll_event e = {.events = EPOLLIN, .data.ptr = slot};
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, fd, &e) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    slot->fd = fd;
+    slot->local = local == Py_None ? NULL : Py_NewRef(local);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_unlisten(EngineObject *self, PyObject *arg) {
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    for (int i = 0; i < MAX_LISTENERS; i++)
+        if (self->listeners[i].fd == fd) {
+            listener_drop(self, &self->listeners[i]);
+            Py_RETURN_TRUE;
+        }
+    Py_RETURN_FALSE;
+}
+
+/* Materialize the client links the engine runs alone: all (CUTOFF < 0), or those logging in
+ * since before CUTOFF (monotonic). */
+static int materialize_links(EngineObject *self, double cutoff) {
+    if (self->unowned == 0)
+        return 0;
+    PyObject *links = PyDict_Values(self->links);
+    if (links == NULL)
+        return -1;
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(links) && rc == 0; i++) {
+        LinkObject *l = (LinkObject *)PyList_GET_ITEM(links, i);
+        if (!l->unowned || l->closed || (cutoff >= 0 && (!l->login || l->request_at > cutoff)))
+            continue;
+        if (link_owner(l) == NULL)
+            rc = -1;
+    }
+    Py_DECREF(links);
+    return rc;
+}
+
+static PyObject *Engine_materialize_all(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (materialize_links(self, -1) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_materialize_logins(EngineObject *self, PyObject *arg) {
+    double cutoff = PyFloat_AsDouble(arg);
+    if (cutoff == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (materialize_links(self, cutoff < 0 ? 0 : cutoff) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_session_of(EngineObject *self, PyObject *pid) {
+    PyObject *l = PyDict_GetItemWithError(self->pids, pid);
+    if (l == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(l);
+    PyObject *owner = link_owner((LinkObject *)l);
+    Py_XINCREF(owner);
+    Py_DECREF(l);
+    return owner;
+}
+
+static PyObject *Engine_get_unowned(EngineObject *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromSsize_t(self->unowned);
+}
+
 static PyObject *Engine_poll(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
     struct epoll_event evs[MAX_EVENTS];
     if (self->epfd < 0)
@@ -2294,7 +2799,13 @@ static PyObject *Engine_poll(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
     }
     self->polling = 1;
     for (int i = 0; i < n; i++) {
-        LinkObject *l = evs[i].data.ptr;
+        void *ptr = evs[i].data.ptr;
+        if ((char *)ptr >= (char *)self->listeners &&
+            (char *)ptr < (char *)(self->listeners + MAX_LISTENERS)) {
+            engine_accept(self, (Listener *)ptr);
+            continue;
+        }
+        LinkObject *l = ptr;
         uint32_t ev = evs[i].events;
         Py_INCREF(l);
         if ((ev & EPOLLOUT) && !l->closed)
@@ -2329,6 +2840,8 @@ static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored)) 
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(links); i++)
         link_finish((LinkObject *)PyList_GET_ITEM(links, i), NULL);
     Py_DECREF(links);
+    for (int i = 0; i < MAX_LISTENERS; i++)
+        listener_drop(self, &self->listeners[i]);
     close(self->epfd);
     self->epfd = -1;
     Py_RETURN_NONE;
@@ -2338,6 +2851,21 @@ static PyMethodDef Engine_methods[] = {
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll fd to watch for reading."},
     {"poll", (PyCFunction)Engine_poll, METH_NOARGS, "Handle the sockets that are ready."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "Close every socket and the epoll fd."},
+    {"listen", (PyCFunction)Engine_listen, METH_VARARGS,
+     "listen(fd, local): accept the connections of a listening socket (local: their (host, "
+     "port), or None to ask each)."},
+    {"unlisten", (PyCFunction)Engine_unlisten, METH_O, "Stop accepting on a listening fd."},
+    {"materialize_all", (PyCFunction)Engine_materialize_all, METH_NOARGS,
+     "Give every client the engine runs alone its Python session."},
+    {"materialize_logins", (PyCFunction)Engine_materialize_logins, METH_O,
+     "materialize_logins(cutoff): the same for those logging in since before CUTOFF."},
+    {"session_of", (PyCFunction)Engine_session_of, METH_O,
+     "The session of the client the engine gave this backend pid (made now), or None."},
+    {NULL},
+};
+
+static PyGetSetDef Engine_getset[] = {
+    {"unowned", (getter)Engine_get_unowned, NULL, "clients without a Python session", NULL},
     {NULL},
 };
 
@@ -2345,6 +2873,18 @@ static PyMemberDef Engine_members[] = {
     {"logins", T_OBJECT, offsetof(EngineObject, logins), READONLY,
      "startup packet (bytes) -> (md5 secret hex digits (bytes), valid until (monotonic), info): "
      "logins the engine runs itself; Python adds and forgets them"},
+    {"materialize", T_OBJECT, offsetof(EngineObject, materialize), 0,
+     "materialize(link): give a client link the engine ran alone its Python owner"},
+    {"accept_error", T_OBJECT, offsetof(EngineObject, accept_error), 0,
+     "accept_error(fd, OSError): accept failed; the listener was dropped"},
+    {"clients", T_OBJECT, offsetof(EngineObject, clients), 0, "Python's set of sessions"},
+    {"client_pids", T_OBJECT, offsetof(EngineObject, client_pids), 0,
+     "Python's dict of backend pids in use"},
+    {"max_clients", T_LONG, offsetof(EngineObject, max_clients), 0, "max_client_conn"},
+    {"pid_base", T_LONG, offsetof(EngineObject, pid_base), 0,
+     "the top bits of the engine's backend pids"},
+    {"client_txn", T_INT, offsetof(EngineObject, client_txn), 0,
+     "transaction pooling for the clients it accepts"},
     {NULL},
 };
 
@@ -2358,6 +2898,7 @@ static PyTypeObject EngineType = {
     .tp_clear = (inquiry)Engine_clear_refs,
     .tp_methods = Engine_methods,
     .tp_members = Engine_members,
+    .tp_getset = Engine_getset,
     .tp_doc = "An epoll set of links, polled from the asyncio loop.",
 };
 
@@ -2415,57 +2956,9 @@ static PyObject *address_text(struct sockaddr_storage *addr, int *port) {
     return text;
 }
 
-/* accept_socket(listen_fd, want_local): the next connection on a non-blocking TCP listener as
- * (fd, peer host, peer port, local host, local port), the socket non-blocking and with
- * TCP_NODELAY (the local address only when asked: a wildcard listener; else ""), the hosts as
- * interned str, or None when there is none. */
-static PyObject *py_accept_socket(PyObject *Py_UNUSED(module), PyObject *args) {
-    int lfd, want_local;
-    if (!PyArg_ParseTuple(args, "ip", &lfd, &want_local))
-        return NULL;
-    struct sockaddr_storage addr;
-    int fd;
-    for (;;) {
-        socklen_t alen = sizeof(addr);
-        fd = accept4(lfd, (struct sockaddr *)&addr, &alen, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd >= 0)
-            break;
-        if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO)
-            continue; /* that one is gone: the next */
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            Py_RETURN_NONE;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    int port = 0, local_port = 0;
-    PyObject *host = address_text(&addr, &port);
-    PyObject *local = NULL;
-    if (host != NULL && want_local) {
-        socklen_t alen = sizeof(addr);
-        if (getsockname(fd, (struct sockaddr *)&addr, &alen) == 0)
-            local = address_text(&addr, &local_port);
-        else
-            local = PyUnicode_InternFromString("");
-    } else if (host != NULL) {
-        local = PyUnicode_InternFromString("");
-    }
-    PyObject *r = NULL;
-    if (local != NULL)
-        r = Py_BuildValue("(iOiOi)", fd, host, port, local, local_port);
-    Py_XDECREF(host);
-    Py_XDECREF(local);
-    if (r == NULL)
-        close(fd);
-    return r;
-}
-
 static PyMethodDef module_methods[] = {
     {"mentions_keyword", py_mentions_keyword, METH_O,
      "Whether SQL mentions a word that sends it to Python (the engine's pre-screen)."},
-    {"accept_socket", py_accept_socket, METH_VARARGS,
-     "The next connection on a non-blocking TCP listener: (fd, host, port, local host, local "
-     "port), or None."},
     {NULL},
 };
 

@@ -124,13 +124,14 @@ def _pool_name(pool: Pool) -> str:
 
 def pools_rows(srv: PoolerServer) -> list[Row]:
     waiting: dict[int, int] = {}
-    for client in srv.clients:
+    clients = srv.all_clients()
+    for client in clients:
         if client.waiting_server and client.pool is not None:
             waiting[id(client.pool)] = waiting.get(id(client.pool), 0) + 1
     rows: list[Row] = []
     for pool in srv.pools.values():
         active_clients = sum(
-            1 for c in srv.clients if c.pool is pool and c.ready and not c.waiting_server
+            1 for c in clients if c.pool is pool and c.ready and not c.waiting_server
         )
         maxwait = pool.maxwait
         rows.append(
@@ -158,7 +159,7 @@ def pools_rows(srv: PoolerServer) -> list[Row]:
 
 def clients_rows(srv: PoolerServer) -> list[Row]:
     rows: list[Row] = []
-    for c in srv.clients:
+    for c in srv.all_clients():
         if c.waiting_server:
             state = "waiting"
             wait = time.monotonic() - c.wait_started
@@ -414,9 +415,11 @@ class PoolerCollector(Collector):
         clients = GaugeMetricFamily(
             "outpost_pooler_clients", "Client connections by state", labels=["state"]
         )
+        # (clients waiting for a server connection all have a session; the count has the
+        # rest, those the engine runs alone too)
         waiting = sum(1 for c in srv.clients if c.waiting_server)
         clients.add_metric(["waiting"], waiting)
-        clients.add_metric(["active"], len(srv.clients) - waiting)
+        clients.add_metric(["active"], srv.client_count - waiting)
         yield clients
         servers = GaugeMetricFamily(
             "outpost_pooler_server_connections",

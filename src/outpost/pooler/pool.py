@@ -259,7 +259,11 @@ class ServerConnection(p.FramedProtocol):
     def client(self) -> ClientLink | None:
         """The client this connection serves now."""
         peer = self.link.peer
-        return None if peer is None else peer.owner
+        if peer is None:
+            return None
+        owner = peer.owner
+        # (a client the engine ran alone so far gets its session now)
+        return owner if owner is not None else peer.materialize()  # type: ignore[no-any-return]
 
     @property
     def state(self) -> tuple[str | None, tuple[str | None, ...]]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from outpost.pooler import protocol as p
-from outpost.pooler._engine import Engine, Link, accept_socket
+from outpost.pooler._engine import Engine, Link, PoolCore
 from outpost.pooler.auth import (
     MAX_AUTH_MESSAGE,
     AuthFailed,
@@ -39,7 +39,7 @@ from outpost.pooler.auth import (
     password_text,
     random4,
 )
-from outpost.pooler.links import NO_EXTRA, hand_over
+from outpost.pooler.links import hand_over
 from outpost.pooler.pool import (
     TRACKED,
     Greeting,
@@ -187,6 +187,12 @@ def _greeting(start: _Startup, defaults: dict[str, str], pool: Pool) -> Greeting
     return greeting
 
 
+#: What a remembered login carries to the engine and back (Engine.logins' info): the route, its
+#: pool, the startup packet's meaning, the greeting and the pool's core (the engine greets with
+#: them when it runs the login for a client without a Python session)
+_LoginInfo = tuple[Route, Pool, _Startup, Greeting, PoolCore]
+
+
 class _FastLogin:
     """Where a login without a task stands: the route and its pool (whose server settings are
     known), and the password exchange begun (SCRAM, or md5 with its salt)."""
@@ -243,7 +249,9 @@ class ClientSession(p.FramedProtocol):
         "want",
     )
 
-    def __init__(self, srv: PoolerServer, local: tuple[str, int] = ("", 0)) -> None:
+    def __init__(
+        self, srv: PoolerServer, local: tuple[str, int] = ("", 0), link: Link | None = None
+    ) -> None:
         # (FramedProtocol.__init__, inlined with the rest: this runs once per connection)
         self._buf = bytearray()
         self._waiter: asyncio.Future[None] | None = None
@@ -257,9 +265,13 @@ class ClientSession(p.FramedProtocol):
         self.txn = txn = srv.settings.pool_mode == "transaction"
         #: the forwarding engine's side of this client (its socket, once logged in); it also
         #: keeps the server connection it is paired with (conn) and its place in the queue
-        self.link = link = Link(self, False, txn)
-        link.state = _NO_STATE  # search_path and tracked settings (see ``state``)
-        link.request_at = _monotonic()  # when it last got a server connection
+        if link is None:
+            self.link = link = Link(self, False, txn)
+            link.state = _NO_STATE  # search_path and tracked settings (see ``state``)
+            link.request_at = _monotonic()  # when it last got a server connection
+        else:  # one the engine accepted (PoolerServer._materialize)
+            self.link = link
+            link.owner = self
         self.user = ""
         self.database = ""
         self.schema = ""
@@ -355,29 +367,6 @@ class ClientSession(p.FramedProtocol):
             if isinstance(local, tuple) and len(local) >= 2:
                 self.local = _share((str(local[0]), int(local[1])))
         self._arrived()
-
-    def accepted(self, fd: int, peer: tuple[str, int]) -> None:
-        """A connection the server accepted itself: its socket goes to the engine at once, and
-        the login reads from there (no asyncio transport, none to hand over afterwards)."""
-        engine = self.srv.engine
-        try:
-            if engine is None:  # closing
-                raise RuntimeError("the engine is closed")
-            self.link.adopt(engine, fd, NO_EXTRA)
-        except (OSError, RuntimeError):
-            os.close(fd)
-            return
-        link = self.link
-        self.transport = link  # type: ignore[assignment]
-        self.peer = peer
-        srv = self.srv
-        # (self._arrived(), inlined: this runs once per connection)
-        clients = srv.clients
-        clients.add(self)
-        srv.logging_in[self] = _monotonic() + LOGIN_TIMEOUT  # see PoolerServer._maintain
-        if engine.logins and len(clients) <= srv.config.max_client_conn and not srv.tls_required:
-            link.login = 1  # the engine reads the startup packet (Engine.logins)
-        link.read_now()  # a client sends its first packet with its connect
 
     def _arrived(self) -> None:
         self.srv.add_client(self)
@@ -568,20 +557,18 @@ class ClientSession(p.FramedProtocol):
                 self.fast = None
                 pool = fast.pool
                 assert pool.defaults is not None  # (checked by _start_fast; kept once known)
-                self._logged_in(fast.route, pool, fast.start, auth_final, pool.defaults)
-                self.srv.remember_login(fast)
+                greeting = self._logged_in(fast.route, pool, fast.start, auth_final, pool.defaults)
+                self.srv.remember_login(fast, greeting)
                 return
         except Exception as exc:  # every failure ends the login with a reason
             self.fast = None
             self._login_failed(exc)
 
-    def _engine_login(
-        self, info: tuple[Route, Pool, _Startup], kind: int, outcome: int, rest: bytes
-    ) -> None:
+    def _engine_login(self, info: _LoginInfo, kind: int, outcome: int, rest: bytes) -> None:
         """The engine ran this client's md5 login (``PoolerServer.remember_login``) and got its
         answer: KIND, OUTCOME 1 (it matched), 0 (it did not) or -1 (a bad length: REST starts
         with the message), and REST, what came after it."""
-        route, pool, start = info
+        route, pool, start, _, _ = info
         try:
             self._take_startup(start)
             if outcome < 0:
@@ -602,7 +589,7 @@ class ClientSession(p.FramedProtocol):
 
     def _engine_scram_login(
         self,
-        info: tuple[Route, Pool, _Startup],
+        info: _LoginInfo,
         outcome: int,
         data: bytes,
         extra: bytes | tuple[bytes, bytes, bytes, bytes] | None,
@@ -612,7 +599,7 @@ class ClientSession(p.FramedProtocol):
         0, it did not; 2 or 3, the client sent a message in a shape the engine leaves to
         ScramServer (DATA, from that message on), after AuthenticationSASL (2) or after
         server-first (3; EXTRA: client-first-bare, gs2 header, nonce and server-first)."""
-        route, pool, start = info
+        route, pool, start, _, _ = info
         try:
             self._take_startup(start)
             if outcome == 0:
@@ -764,7 +751,7 @@ class ClientSession(p.FramedProtocol):
         self.application_name = start.application_name
         if srv.tls_required:
             self._check_client_tls()
-        if len(srv.clients) > srv.config.max_client_conn:
+        if srv.client_count > srv.config.max_client_conn:
             raise PoolError(
                 f"no more connections allowed (max_client_conn {srv.config.max_client_conn})",
                 p.TOO_MANY_CONNECTIONS,
@@ -811,7 +798,7 @@ class ClientSession(p.FramedProtocol):
         start: _Startup,
         auth_final: bytes,
         defaults: dict[str, str],
-    ) -> None:
+    ) -> Greeting:
         """The password matched: greet the client and give its socket to the engine."""
         if route.user != self.user:
             raise AuthFailed(self.user)
@@ -835,6 +822,7 @@ class ClientSession(p.FramedProtocol):
             self.transport = hand_over(link, self.transport, srv.engine, tls=self.tls)  # type: ignore[assignment]
         if self._buf:
             link.feed(self.take_buffer())
+        return greeting
 
     async def _admin_login(self) -> None:
         srv = self.srv
@@ -1236,6 +1224,14 @@ class PoolerServer:
     async def start(self, sockets: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
         self.engine = engine = Engine(loop.call_soon)
+        # the clients it accepts and may run alone (see _materialize)
+        engine.materialize = self._materialize
+        engine.accept_error = self._accept_failed
+        engine.clients = self.clients
+        engine.client_pids = self.by_pid
+        engine.max_clients = self.config.max_client_conn
+        engine.pid_base = (self.worker_id + 1) << 24
+        engine.client_txn = self.settings.pool_mode == "transaction"
         loop.add_reader(engine.fileno(), engine.poll)
         self.sockets = sockets
         for sock in sockets:
@@ -1256,48 +1252,43 @@ class PoolerServer:
         """Serve SOCK: accepted by the engine (plain TCP, no TLS configured: the fast way), or
         by asyncio (TLS may start on the connection)."""
         local = _listener_address(sock)
-        if self.tls_context is None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        if (
+            self.tls_context is None
+            and self.engine is not None
+            and sock.family in (socket.AF_INET, socket.AF_INET6)
+        ):
             sock.setblocking(False)
             self._accepting[sock] = local
-            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+            self.engine.listen(sock.fileno(), local if local[0] else None)
             return
         loop = asyncio.get_running_loop()
         server = await loop.create_server(partial(ClientSession, self, local), sock=sock)
         self._servers.append(server)
 
-    def _accept(self, sock: socket.socket) -> None:
-        local = self._accepting.get(sock)
-        if local is None:
-            return
-        fileno = sock.fileno()
-        for _ in range(64):  # then let the loop do other work; it calls again while any wait
-            try:
-                accepted = accept_socket(fileno, not local[0])
-            except OSError as exc:  # out of file descriptors, say: pause, as asyncio does
+    def _accept_failed(self, fileno: int, exc: OSError) -> None:
+        """The engine could not accept on FILENO (out of file descriptors, say) and stopped
+        listening there: as asyncio does, try again in a second."""
+        for sock in self._accepting:
+            if sock.fileno() == fileno:
                 log.error(
                     "cannot accept connections on %s: %s; trying again in 1s",
                     _address(sock),
                     exc.strerror or exc,
                 )
-                loop = asyncio.get_running_loop()
-                loop.remove_reader(fileno)
-                loop.call_later(1.0, self._resume_accepting, sock)
+                asyncio.get_running_loop().call_later(1.0, self._resume_accepting, sock)
                 return
-            if accepted is None:
-                return
-            fd, host, port, local_host, local_port = accepted
-            at = local if local[0] else _share((local_host, local_port))
-            ClientSession(self, at).accepted(fd, (host, port))  # (host: interned)
 
     def _resume_accepting(self, sock: socket.socket) -> None:
         if sock in self._accepting and self.engine is not None:
-            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+            self.engine.listen(
+                sock.fileno(), self._accepting[sock] if self._accepting[sock][0] else None
+            )
 
     def _stop_accepting(self) -> list[socket.socket]:
-        loop = asyncio.get_running_loop()
         socks = list(self._accepting)
-        for sock in socks:
-            loop.remove_reader(sock.fileno())
+        if self.engine is not None:
+            for sock in socks:
+                self.engine.unlisten(sock.fileno())
         self._accepting.clear()
         return socks
 
@@ -1305,7 +1296,7 @@ class PoolerServer:
         self._stop_accepting()
         for server in self._servers:
             server.close()
-        for client in list(self.clients):
+        for client in list(self.all_clients()):
             client.fatal(p.ADMIN_SHUTDOWN, "the pooler is shutting down")
         for pool in self.pools.values():
             pool.close()
@@ -1353,11 +1344,9 @@ class PoolerServer:
     def _expire_logins(self, now: float) -> None:
         """End the logins that took longer than LOGIN_TIMEOUT (one deadline check per client
         still logging in, instead of a timer each)."""
-        late = []
-        for client, deadline in self.logging_in.items():
-            if deadline > now:
-                break
-            late.append(client)
+        if self.engine is not None and self.engine.unowned:
+            self.engine.materialize_logins(now - LOGIN_TIMEOUT)  # (into logging_in)
+        late = [client for client, deadline in self.logging_in.items() if deadline <= now]
         for client in late:
             client.login_timed_out()
 
@@ -1374,7 +1363,45 @@ class PoolerServer:
 
     @property
     def client_count(self) -> int:
-        return len(self.clients)
+        """Connected clients, with those the engine runs alone."""
+        engine = self.engine
+        return len(self.clients) + (engine.unowned if engine is not None else 0)
+
+    def all_clients(self) -> set[ClientSession]:
+        """Every client's session: those the engine ran alone get theirs now."""
+        if self.engine is not None and self.engine.unowned:
+            self.engine.materialize_all()
+        return self.clients
+
+    def _materialize(self, link: Link) -> None:
+        """The engine accepted LINK's client and has run it alone (no Python session: see
+        _engine.c); something needs its session now (a message for Python, a console listing,
+        a cancel request, a login timeout, a server connection lost). Make it, in the state it
+        would have had Python logged it in: still logging in, or logged in with what the
+        engine sent (``link.info``: the remembered login; ``link.backend_key``)."""
+        local = link.local_address
+        client = ClientSession(self, _share(local) if local is not None else _NO_PEER, link)
+        client.transport = link  # type: ignore[assignment]
+        client.peer = link.peer_address or _NO_PEER
+        client.connect_time = link.connect_time
+        self.clients.add(client)
+        info: _LoginInfo | None = link.info
+        if info is None:  # logging in: Python takes it on from here
+            self.logging_in[client] = link.request_at + LOGIN_TIMEOUT
+            return
+        _, pool, start, greeting, _ = info
+        client.user = start.user
+        client.database = start.database
+        client.schema = start.schema
+        client.application_name = start.application_name
+        client.search_path = start.search_path
+        client.pool = pool
+        client.want = greeting.want
+        key = link.backend_key
+        assert key is not None  # (set with info)
+        client.pid, client.key = key
+        client.ready = True
+        self.by_pid[client.pid] = client
 
     def add_client(self, client: ClientSession) -> None:
         self.clients.add(client)
@@ -1388,7 +1415,8 @@ class PoolerServer:
     def new_backend_key(self, client: ClientSession) -> tuple[int, int]:
         """Our own BackendKeyData: the worker id in the top bits, a counter, a random key."""
         while True:
-            self._next_pid = (self._next_pid + 1) & 0xFFFFFF
+            # (pids with bit 23 set are the engine's: see _materialize)
+            self._next_pid = (self._next_pid + 1) & 0x7FFFFF
             pid = ((self.worker_id + 1) << 24) | self._next_pid
             if pid not in self.by_pid and self._next_pid:
                 break
@@ -1404,6 +1432,8 @@ class PoolerServer:
                 await forward_cancel(self.runtime_dir, worker, pid, key)
             return
         client = self.by_pid.get(pid)
+        if client is None and self.engine is not None:
+            client = self.engine.session_of(pid)  # a client the engine logged in
         if client is None or not secrets.compare_digest(
             key.to_bytes(4, "big", signed=True), client.key.to_bytes(4, "big", signed=True)
         ):
@@ -1432,7 +1462,7 @@ class PoolerServer:
             self.forget_logins()
         return pool
 
-    def remember_login(self, fast: _FastLogin) -> None:
+    def remember_login(self, fast: _FastLogin, greeting: Greeting) -> None:
         """An md5 or SCRAM login with FAST's startup packet succeeded: let the engine run the
         next ones with that packet itself (md5: salt and check, then
         ``ClientSession._engine_login``; SCRAM: the exchange and the proof, then
@@ -1455,7 +1485,7 @@ class PoolerServer:
         logins = engine.logins
         if len(logins) >= 10_000:
             logins.clear()
-        info = (fast.route, fast.pool, start)
+        info: _LoginInfo = (fast.route, fast.pool, start, greeting, fast.pool.core)
         logins[fast.packet] = (secret, _monotonic() + fresh, info)
 
     def forget_logins(self) -> None:
@@ -1493,6 +1523,8 @@ class PoolerServer:
                 if new.workers != self.config.workers:
                     log.warning("pooler.workers changed; restart the pooler to apply it")
                 self.config = new
+                if self.engine is not None:
+                    self.engine.max_clients = new.max_client_conn
                 settings = PoolSettings.from_config(new)
                 settings.pool_mode = self.settings.pool_mode
                 if new.pool_mode != self.settings.pool_mode:
