@@ -231,7 +231,8 @@ static PyObject *s_on_data, *s_engine_message, *s_engine_terminate, *s_engine_ba
 static PyObject *s_usedforsecurity; /* ("usedforsecurity",): md5 salts passwords, as PostgreSQL */
 static PyObject *md5_new; /* hashlib.md5 */
 static PyObject *sha256_new; /* hashlib.sha256 */
-static PyObject *hmac_digest; /* hmac.digest (OpenSSL's one-shot HMAC) */
+static PyObject *hmac_digest; /* OpenSSL's one-shot HMAC: _hashlib.hmac_digest, as hmac.digest
+                                 calls it (without its Python frame), or hmac.digest */
 
 /* --- small helpers ----------------------------------------------------------------------------- */
 
@@ -1439,13 +1440,21 @@ static int scram_first(LinkObject *l, const char *body, Py_ssize_t blen) {
         return -1;
     }
     Py_XSETREF(l->scram, state);
-    /* AuthenticationSASLContinue */
-    char head[9] = {'R', 0, 0, 0, 0, 0, 0, 0, 11};
+    /* AuthenticationSASLContinue, in one send */
+    char stack[512], *out = 9 + sf_len <= (Py_ssize_t)sizeof(stack) ? stack : PyMem_Malloc(9 + sf_len);
+    if (out == NULL) {
+        Py_DECREF(sf);
+        PyErr_NoMemory();
+        return -1;
+    }
     uint32_t mlen = htonl((uint32_t)(8 + sf_len));
-    memcpy(head + 1, &mlen, 4);
-    int rc = link_out(l, head, 9);
-    if (rc == 0)
-        rc = link_out(l, PyBytes_AS_STRING(sf), sf_len);
+    out[0] = 'R';
+    memcpy(out + 1, &mlen, 4);
+    memcpy(out + 5, "\0\0\0\x0b", 4);
+    memcpy(out + 9, PyBytes_AS_STRING(sf), sf_len);
+    int rc = link_out(l, out, 9 + sf_len);
+    if (out != stack)
+        PyMem_Free(out);
     Py_DECREF(sf);
     return rc < 0 ? -1 : 1;
 }
@@ -2996,11 +3005,19 @@ PyMODINIT_FUNC PyInit__engine(void) {
     Py_DECREF(hashlib);
     if (md5_new == NULL || sha256_new == NULL)
         return NULL;
-    PyObject *hmac = PyImport_ImportModule("hmac");
-    if (hmac == NULL)
-        return NULL;
-    hmac_digest = PyObject_GetAttrString(hmac, "digest");
-    Py_DECREF(hmac);
+    PyObject *hashopenssl = PyImport_ImportModule("_hashlib");
+    if (hashopenssl != NULL) {
+        hmac_digest = PyObject_GetAttrString(hashopenssl, "hmac_digest");
+        Py_DECREF(hashopenssl);
+    }
+    if (hmac_digest == NULL) { /* (a Python built without OpenSSL's _hashlib) */
+        PyErr_Clear();
+        PyObject *hmac = PyImport_ImportModule("hmac");
+        if (hmac == NULL)
+            return NULL;
+        hmac_digest = PyObject_GetAttrString(hmac, "digest");
+        Py_DECREF(hmac);
+    }
     if (hmac_digest == NULL)
         return NULL;
     if (PyType_Ready(&PoolCoreType) < 0 || PyType_Ready(&LinkType) < 0 ||
