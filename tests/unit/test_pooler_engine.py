@@ -860,6 +860,8 @@ def test_the_engine_accepts_connections_ready_to_use(rig: Rig, host: str, local:
         assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
         with socket.socket(fileno=os.dup(fd)) as sock:
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    # one (host, port) for all, as the listener's or the last one asked (idle memory)
+    assert accepting.made[0].local_address is accepting.made[1].local_address
     first = by_peer[apps[0].getsockname()[:2]].owner
     assert first.data == [startup()]
     assert rig.engine.unlisten(accepting.listener.fileno()) is True

@@ -106,6 +106,7 @@ typedef struct LinkObject LinkObject;
 typedef struct {
     int fd;
     PyObject *local; /* (host, port) the connections have; NULL: ask (a wildcard listener) */
+    PyObject *asked; /* a wildcard listener: the last (host, port) asked, shared while it holds */
 } Listener;
 
 /* --- PoolCore: what the engine needs of a pool to hand out and take back connections ------ */
@@ -2523,8 +2524,10 @@ static int Engine_traverse(EngineObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->client_pids);
     Py_VISIT(self->pids);
     Py_VISIT(self->no_extra);
-    for (int i = 0; i < MAX_LISTENERS; i++)
+    for (int i = 0; i < MAX_LISTENERS; i++) {
         Py_VISIT(self->listeners[i].local);
+        Py_VISIT(self->listeners[i].asked);
+    }
     return 0;
 }
 
@@ -2539,8 +2542,10 @@ static int Engine_clear_refs(EngineObject *self) {
     Py_CLEAR(self->client_pids);
     Py_CLEAR(self->pids);
     Py_CLEAR(self->no_extra);
-    for (int i = 0; i < MAX_LISTENERS; i++)
+    for (int i = 0; i < MAX_LISTENERS; i++) {
         Py_CLEAR(self->listeners[i].local);
+        Py_CLEAR(self->listeners[i].asked);
+    }
     return 0;
 }
 
@@ -2588,6 +2593,7 @@ static void listener_drop(EngineObject *e, Listener *ls) {
         epoll_ctl(e->epfd, EPOLL_CTL_DEL, ls->fd, NULL);
     ls->fd = -1;
     Py_CLEAR(ls->local);
+    Py_CLEAR(ls->asked);
 }
 
 /* A connection accepted on LS (FD, from ADDR): a client link with no Python session, which
@@ -2621,8 +2627,18 @@ static int engine_take_client(EngineObject *e, Listener *ls, int fd, struct sock
         PyObject *host = getsockname(fd, (struct sockaddr *)addr, &alen) == 0
                              ? address_text(addr, &local_port)
                              : PyUnicode_InternFromString("");
-        if (host == NULL || (l->local = Py_BuildValue("(Ni)", host, local_port)) == NULL)
+        if (host == NULL)
             goto fail;
+        PyObject *last = ls->asked;
+        if (last != NULL && PyTuple_GET_ITEM(last, 0) == host &&
+            PyLong_AsLong(PyTuple_GET_ITEM(last, 1)) == local_port) { /* (hosts are interned) */
+            Py_DECREF(host);
+            l->local = Py_NewRef(last);
+        } else {
+            if ((l->local = Py_BuildValue("(Ni)", host, local_port)) == NULL)
+                goto fail;
+            Py_XSETREF(ls->asked, Py_NewRef(l->local));
+        }
     }
     l->connect_time = now_wall();
     l->request_at = now_mono();
