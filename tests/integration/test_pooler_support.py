@@ -29,12 +29,14 @@ TENANTS = ("tenant_a", "tenant_b", "tenant_c")
 
 @dataclass
 class RunningPooler:
-    """A PoolerServer on its own event loop (uvloop, or the standard library's with
-    stdlib_loop) in a thread, on a free port."""
+    """A PoolerServer on its own event loop in a thread, on a free port. LOOP_KIND: "engine"
+    (asyncio on the engine's epoll set, as `outpost pooler serve` runs it), "uvloop" (the
+    engine as one file descriptor of uvloop's, as inside `outpost serve`) or "asyncio" (the
+    same on the standard library's loop, without the `speed` extra)."""
 
     config: PoolerConfig
     routes: RouteSource
-    stdlib_loop: bool = False
+    loop_kind: str = "engine"
     port: int = 0
     server: PoolerServer | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -55,8 +57,15 @@ class RunningPooler:
     def _run(self) -> None:
         import uvloop
 
-        # uvloop as `outpost pooler serve` runs it, or asyncio's own (`speed` is an extra)
-        loop = asyncio.new_event_loop() if self.stdlib_loop else uvloop.new_event_loop()
+        from outpost.pooler.loop import EngineLoop
+
+        loop: asyncio.AbstractEventLoop
+        if self.loop_kind == "engine":
+            loop = EngineLoop()
+        elif self.loop_kind == "uvloop":
+            loop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
         self.loop = loop
         asyncio.set_event_loop(loop)
         try:
@@ -120,9 +129,9 @@ class RunningPooler:
 
 @contextlib.contextmanager
 def running_pooler(
-    config: PoolerConfig, routes: RouteSource, *, stdlib_loop: bool = False
+    config: PoolerConfig, routes: RouteSource, *, loop_kind: str = "engine"
 ) -> Iterator[RunningPooler]:
-    pooler = RunningPooler(config, routes, stdlib_loop=stdlib_loop).start()
+    pooler = RunningPooler(config, routes, loop_kind=loop_kind).start()
     try:
         yield pooler
     finally:

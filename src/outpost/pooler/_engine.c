@@ -229,6 +229,10 @@ static PyObject *address_text(struct sockaddr_storage *addr, int *port);
 static PyObject *s_on_data, *s_engine_message, *s_engine_terminate, *s_engine_bad_length,
     *s_engine_release, *s_on_ready, *s_engine_param, *s_unanswered, *s_connection_lost,
     *s_write, *s_engine_login, *s_engine_scram_login, *s_hexdigest, *s_sha256, *s_digest;
+/* Calls the engine made into Python (owner callbacks, materialize, ...): Engine.select goes back
+ * to the event loop after a round that made any, since they may have given it work. */
+static unsigned long py_calls;
+
 static PyObject *s_usedforsecurity; /* ("usedforsecurity",): md5 salts passwords, as PostgreSQL */
 static PyObject *md5_new; /* hashlib.md5 */
 static PyObject *sha256_new; /* hashlib.sha256 */
@@ -373,6 +377,7 @@ static PyObject *link_owner(LinkObject *l) {
         return NULL;
     }
     link_disown(l);
+    py_calls++;
     PyObject *r = PyObject_CallOneArg(e->materialize, (PyObject *)l);
     if (r == NULL)
         return NULL;
@@ -422,6 +427,7 @@ static void link_finish(LinkObject *l, PyObject *exc) {
         } else if (l->owner != NULL && l->owner != Py_None) {
             PyObject *cb = PyObject_GetAttr(l->owner, s_connection_lost);
             if (cb != NULL) {
+                py_calls++;
                 PyObject *r = PyObject_CallFunctionObjArgs(l->engine->call_soon, cb,
                                                            exc ? exc : Py_None, NULL);
                 Py_XDECREF(r);
@@ -452,6 +458,7 @@ static void set_throttle(LinkObject *l, int on) {
         return;
     l->throttled = on;
     if (l->transport != NULL) {
+        py_calls++;
         PyObject *r = PyObject_CallMethod(l->transport, on ? "pause_reading" : "resume_reading",
                                           NULL);
         if (r == NULL)
@@ -500,6 +507,7 @@ static int link_out(LinkObject *l, const char *data, Py_ssize_t len) {
         PyObject *b = PyBytes_FromStringAndSize(data, len);
         if (b == NULL)
             return -1;
+        py_calls++;
         PyObject *r = PyObject_CallMethodOneArg(l->transport, s_write, b);
         Py_DECREF(b);
         if (r == NULL)
@@ -541,6 +549,7 @@ static int link_out(LinkObject *l, const char *data, Py_ssize_t len) {
 /* --- calling Python ------------------------------------------------------------------------------ */
 
 static PyObject *call1(PyObject *owner, PyObject *name, PyObject *arg) {
+    py_calls++;
     return PyObject_CallMethodOneArg(owner, name, arg);
 }
 
@@ -564,6 +573,7 @@ static int call_bad_length(LinkObject *l, int kind, uint32_t length) {
     if (owner == NULL)
         return -1;
     PyObject *k = PyLong_FromLong(kind), *len = PyLong_FromUnsignedLong(length);
+    py_calls++;
     PyObject *r = (k && len) ? PyObject_CallMethodObjArgs(owner, s_engine_bad_length, k, len,
                                                            NULL)
                              : NULL;
@@ -927,6 +937,7 @@ static int scan_client(LinkObject *c, LinkObject *s, const char *data, Py_ssize_
             if (link_out(s, data + start, pos - start) < 0)
                 return -1;
             PyObject *owner = link_owner(c);
+            py_calls++;
             PyObject *r = owner ? PyObject_CallMethodNoArgs(owner, s_engine_terminate) : NULL;
             if (r == NULL)
                 return -1;
@@ -957,6 +968,7 @@ static int scan_client(LinkObject *c, LinkObject *s, const char *data, Py_ssize_
                 return -1;
             PyObject *owner = link_owner(c);
             PyObject *k = owner ? PyLong_FromLong(kind) : NULL;
+            py_calls++;
             PyObject *r = k ? PyObject_CallMethodObjArgs(owner, s_engine_message, k, bodyb, NULL)
                             : NULL;
             Py_XDECREF(k);
@@ -1013,6 +1025,7 @@ static int scan_client(LinkObject *c, LinkObject *s, const char *data, Py_ssize_
     if (txn && !s->syncs && !s->unsynced && c->peer == s && !c->part_len && !c->remain &&
         s->status == 'I' && !s->remain && !s->part_len) {
         PyObject *owner = link_owner(c);
+        py_calls++;
         PyObject *r = owner ? PyObject_CallMethodNoArgs(owner, s_engine_release) : NULL;
         if (r == NULL)
             return -1;
@@ -1204,6 +1217,7 @@ static int login_done(LinkObject *l, int kind, int outcome, PyObject *rest) {
     PyObject *k = PyLong_FromLong(kind), *o = PyLong_FromLong(outcome);
     if (owner != NULL && b != NULL && k != NULL && o != NULL) {
         PyObject *args[] = {owner, PyTuple_GET_ITEM(with, 2), k, o, b};
+        py_calls++;
         r = PyObject_VectorcallMethod(s_engine_login, args, 5, NULL);
     }
     Py_XDECREF(b);
@@ -1378,6 +1392,7 @@ static int scram_done(LinkObject *l, int outcome, PyObject *data, PyObject *extr
     if (o != NULL) {
         PyObject *args[] = {owner, PyTuple_GET_ITEM(with, 2), o, data,
                             extra != NULL ? extra : (outcome == 3 ? state : Py_None)};
+        py_calls++;
         r = PyObject_VectorcallMethod(s_engine_scram_login, args, 5, NULL);
         Py_DECREF(o);
     }
@@ -2693,7 +2708,7 @@ static void engine_accept(EngineObject *e, Listener *ls) {
             listener_drop(e, ls);
             PyObject *exc = os_error(err), *fdo = PyLong_FromLong(lfd), *r = NULL;
             if (exc != NULL && fdo != NULL && e->accept_error != NULL && e->accept_error != Py_None)
-                r = PyObject_CallFunctionObjArgs(e->accept_error, fdo, exc, NULL);
+                r = (py_calls++, PyObject_CallFunctionObjArgs(e->accept_error, fdo, exc, NULL));
             else
                 r = Py_NewRef(Py_None);
             if (r == NULL)
@@ -2812,18 +2827,41 @@ static PyObject *Engine_get_unowned(EngineObject *self, void *Py_UNUSED(closure)
     return PyLong_FromSsize_t(self->unowned);
 }
 
-static PyObject *Engine_poll(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
+/* One round: wait up to TIMEOUT_MS (0: not at all; the GIL is released while waiting) and handle
+ * what is ready: links, listeners, and (FOUND not NULL) the asyncio loop's own fds, appended
+ * to FOUND as (fd, selectors mask). -1 with an exception; EINTR is a round with nothing. */
+static int engine_round(EngineObject *self, int timeout_ms, PyObject *found) {
     struct epoll_event evs[MAX_EVENTS];
     if (self->epfd < 0)
-        Py_RETURN_NONE;
-    int n = epoll_wait(self->epfd, evs, MAX_EVENTS, 0);
+        return 0;
+    int n;
+    if (timeout_ms == 0) {
+        n = epoll_wait(self->epfd, evs, MAX_EVENTS, 0);
+    } else {
+        Py_BEGIN_ALLOW_THREADS n = epoll_wait(self->epfd, evs, MAX_EVENTS, timeout_ms);
+        Py_END_ALLOW_THREADS
+    }
     if (n < 0) {
         if (errno == EINTR)
-            Py_RETURN_NONE;
-        return PyErr_SetFromErrno(PyExc_OSError);
+            return 0;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
     self->polling = 1;
     for (int i = 0; i < n; i++) {
+        uint64_t tag = evs[i].data.u64;
+        if (tag & 1) { /* an fd of the asyncio loop's (Engine.watch) */
+            if (found == NULL)
+                continue;
+            uint32_t ev = evs[i].events;
+            int mask = ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) ? 1 : 0) |
+                       ((ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) ? 2 : 0);
+            PyObject *item = Py_BuildValue("(Ki)", (unsigned long long)(tag >> 1), mask);
+            if (item == NULL || PyList_Append(found, item) < 0)
+                PyErr_WriteUnraisable((PyObject *)self);
+            Py_XDECREF(item);
+            continue;
+        }
         void *ptr = evs[i].data.ptr;
         if ((char *)ptr >= (char *)self->listeners &&
             (char *)ptr < (char *)(self->listeners + MAX_LISTENERS)) {
@@ -2844,6 +2882,7 @@ static PyObject *Engine_poll(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
     for (Py_ssize_t i = 0; lost != NULL && i < PyList_GET_SIZE(lost); i++) {
         PyObject *entry = Py_NewRef(PyList_GET_ITEM(lost, i));
         PyObject *owner = PyTuple_GET_ITEM(entry, 0);
+        py_calls++;
         PyObject *r = PyObject_CallMethodOneArg(owner, s_connection_lost, PyTuple_GET_ITEM(entry, 1));
         if (r == NULL)
             PyErr_WriteUnraisable(owner);
@@ -2853,10 +2892,75 @@ static PyObject *Engine_poll(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
     self->polling = 0;
     if (lost != NULL && PyList_GET_SIZE(lost) && PyList_SetSlice(lost, 0, PY_SSIZE_T_MAX, NULL) < 0)
         PyErr_WriteUnraisable((PyObject *)self);
+    return n;
+}
+
+static PyObject *Engine_poll(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (engine_round(self, 0, NULL) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
+/* Engine.select(timeout): the asyncio selector's select (EngineSelector) on this epoll set.
+ * Rounds go on in C, links and listeners handled as they come, until an fd of the loop's is
+ * ready, a round called into Python (which may have given the loop work), or TIMEOUT (seconds;
+ * negative: none) has passed: one epoll_wait per wake-up, and the loop's Python runs only when
+ * it has something to do. */
+static PyObject *Engine_select(EngineObject *self, PyObject *arg) {
+    double timeout = PyFloat_AsDouble(arg);
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    double deadline = timeout < 0 ? -1 : now_mono() + timeout;
+    PyObject *found = PyList_New(0);
+    if (found == NULL)
+        return NULL;
+    for (;;) {
+        int ms = -1;
+        if (deadline >= 0) {
+            double left = deadline - now_mono();
+            ms = left <= 0 ? 0 : (int)(left * 1000.0) + 1;
+        }
+        unsigned long calls = py_calls;
+        int n = engine_round(self, ms, found);
+        if (n < 0 || PyErr_CheckSignals() < 0) { /* (a signal's Python handler runs here) */
+            Py_DECREF(found);
+            return NULL;
+        }
+        if (PyList_GET_SIZE(found) || py_calls != calls || ms == 0 || n == 0 || self->epfd < 0)
+            break; /* (n == 0: the time is up, or a signal came: the loop's to handle) */
+    }
+    return found;
+}
+
+static PyObject *Engine_watch(EngineObject *self, PyObject *args) {
+    int fd, mask;
+    if (!PyArg_ParseTuple(args, "ii", &fd, &mask))
+        return NULL;
+    if (self->epfd < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine is closed");
+        return NULL;
+    }
+    struct epoll_event e = {.events = ((mask & 1) ? EPOLLIN : 0) | ((mask & 2) ? EPOLLOUT : 0)};
+    e.data.u64 = ((uint64_t)fd << 1) | 1;
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, fd, &e) < 0) {
+        if (errno != EEXIST || epoll_ctl(self->epfd, EPOLL_CTL_MOD, fd, &e) < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_unwatch(EngineObject *self, PyObject *arg) {
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (self->epfd >= 0)
+        epoll_ctl(self->epfd, EPOLL_CTL_DEL, (int)fd, NULL); /* (gone already: fine) */
+    Py_RETURN_NONE;
+}
+
+/* Close every link's socket and stop listening; the epoll set stays (the loop's, when it runs
+ * on it: EngineLoop). */
+static PyObject *Engine_close_links(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
     if (self->epfd < 0)
         Py_RETURN_NONE;
     PyObject *links = PyDict_Values(self->links);
@@ -2867,6 +2971,16 @@ static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored)) 
     Py_DECREF(links);
     for (int i = 0; i < MAX_LISTENERS; i++)
         listener_drop(self, &self->listeners[i]);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->epfd < 0)
+        Py_RETURN_NONE;
+    PyObject *r = Engine_close_links(self, NULL);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
     close(self->epfd);
     self->epfd = -1;
     Py_RETURN_NONE;
@@ -2875,7 +2989,15 @@ static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored)) 
 static PyMethodDef Engine_methods[] = {
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll fd to watch for reading."},
     {"poll", (PyCFunction)Engine_poll, METH_NOARGS, "Handle the sockets that are ready."},
+    {"select", (PyCFunction)Engine_select, METH_O,
+     "select(timeout): run rounds until one of the loop's fds is ready (as (fd, mask) pairs), "
+     "Python was called, or the time is up."},
+    {"watch", (PyCFunction)Engine_watch, METH_VARARGS,
+     "watch(fd, mask): add or change an fd of the asyncio loop's (selectors' mask)."},
+    {"unwatch", (PyCFunction)Engine_unwatch, METH_O, "Stop watching one of the loop's fds."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "Close every socket and the epoll fd."},
+    {"close_links", (PyCFunction)Engine_close_links, METH_NOARGS,
+     "Close every link's socket and stop listening; keep the epoll fd."},
     {"listen", (PyCFunction)Engine_listen, METH_VARARGS,
      "listen(fd, local): accept the connections of a listening socket (local: their (host, "
      "port), or None to ask each)."},

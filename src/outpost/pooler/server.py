@@ -1193,6 +1193,7 @@ class PoolerServer:
         self.reloads = 0
         #: reads, frames and forwards for the logged-in clients' and servers' sockets
         self.engine: Engine | None = None
+        self._own_engine = True
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -1223,7 +1224,14 @@ class PoolerServer:
 
     async def start(self, sockets: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
-        self.engine = engine = Engine(loop.call_soon)
+        # the loop's engine when the loop runs on its epoll set (EngineLoop: `outpost pooler
+        # serve`), else one of our own that the loop watches as one file descriptor
+        engine = getattr(loop, "engine", None)
+        self._own_engine = not isinstance(engine, Engine)
+        if not isinstance(engine, Engine):
+            engine = Engine(loop.call_soon)
+            loop.add_reader(engine.fileno(), engine.poll)
+        self.engine = engine
         # the clients it accepts and may run alone (see _materialize)
         engine.materialize = self._materialize
         engine.accept_error = self._accept_failed
@@ -1232,7 +1240,6 @@ class PoolerServer:
         engine.max_clients = self.config.max_client_conn
         engine.pid_base = (self.worker_id + 1) << 24
         engine.client_txn = self.settings.pool_mode == "transaction"
-        loop.add_reader(engine.fileno(), engine.poll)
         self.sockets = sockets
         for sock in sockets:
             await self._listen(sock)
@@ -1309,8 +1316,11 @@ class PoolerServer:
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await asyncio.sleep(0)  # the goodbyes written above are sent
-            asyncio.get_running_loop().remove_reader(engine.fileno())
-            engine.close()
+            if self._own_engine:
+                asyncio.get_running_loop().remove_reader(engine.fileno())
+                engine.close()
+            else:  # the loop's: it goes on until the loop closes
+                engine.close_links()
         if self.runtime_dir is not None and self.workers > 1:
             with contextlib.suppress(OSError):
                 cancel_socket_path(self.runtime_dir, self.worker_id).unlink()

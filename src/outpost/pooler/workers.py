@@ -97,11 +97,11 @@ def _run_loop(coro_factory: object) -> int:
     assert callable(coro_factory)
     coro = coro_factory()
     assert inspect.iscoroutine(coro)
-    try:
-        import uvloop
-    except ImportError:
-        return int(asyncio.run(coro))
-    return int(uvloop.run(coro))
+    from outpost.pooler.loop import EngineLoop
+
+    # asyncio on the engine's epoll set: one epoll_wait per wake-up (see outpost.pooler.loop)
+    with asyncio.Runner(loop_factory=EngineLoop) as runner:
+        return int(runner.run(coro))
 
 
 def run_pooler(
