@@ -132,6 +132,13 @@ class Rig:
                 fn(*args)
             self.scheduled.clear()
 
+    def idle_server(self, core: PoolCore, state: object) -> None:
+        """The server link, in STATE, idle in CORE."""
+        self.server.core = core
+        self.server.state = state
+        self.server.generation = core.generation
+        core.push_idle(self.server)
+
     def engine_links(self) -> list[Link]:
         """The links the engine holds (its tables, seen through the garbage collector)."""
         import gc
@@ -635,10 +642,7 @@ def test_pool_core_hands_out_and_takes_back_without_python(rig: Rig) -> None:
     core.pool_size = 1
     core.wait_timeout = 30
     state = ("public", ("UTF8",))
-    rig.server.core = core
-    rig.server.state = state
-    rig.server.generation = core.generation
-    core.push_idle(rig.server)
+    rig.idle_server(core, state)
     first, first_link, first_app = rig.client()
     second, second_link, second_app = rig.client()
     for link in (first_link, second_link):
@@ -666,10 +670,7 @@ def test_a_terminate_between_transactions_closes_without_python(rig: Rig) -> Non
     """No server connection is taken for it, and Python hears only connection_lost."""
     core = PoolCore(set())
     core.pool_size = 1
-    rig.server.core = core
-    rig.server.state = ("public", ())
-    rig.server.generation = core.generation
-    core.push_idle(rig.server)
+    rig.idle_server(core, ("public", ()))
     owner, client, app = rig.client()
     client.core = core
     client.state = ("public", ())
@@ -721,9 +722,7 @@ def test_links_closed_in_a_poll_are_told_at_its_end_and_others_through_the_loop(
 def test_pool_core_leaves_a_different_search_path_to_python(rig: Rig) -> None:
     core = PoolCore(set())
     core.pool_size = 1
-    rig.server.core = core
-    rig.server.state = ("tenant_a", ())
-    core.push_idle(rig.server)
+    rig.idle_server(core, ("tenant_a", ()))
     owner, link, app = rig.client()
     link.core = core
     link.state = ("tenant_b", ())
@@ -888,7 +887,10 @@ def test_the_engine_names_each_peer_host_right_past_its_cache(rig: Rig) -> None:
         app.close()
 
 
-def engine_login(accepting: Accepting, *, greeting: bytes = b"R\0\0\0\x08\0\0\0\0") -> PoolCore:
+AUTH_OK = b"R\0\0\0\x08\0\0\0\0"
+
+
+def engine_login(accepting: Accepting) -> PoolCore:
     """Remember STARTUP's md5 login with what the engine greets with, and a pool whose one
     server connection is idle."""
     from outpost.pooler.pool import Greeting
@@ -897,11 +899,8 @@ def engine_login(accepting: Accepting, *, greeting: bytes = b"R\0\0\0\x08\0\0\0\
     core = PoolCore(set())
     core.pool_size = 1
     state = ("public", ("UTF8",))
-    rig.server.core = core
-    rig.server.state = state
-    rig.server.generation = core.generation
-    core.push_idle(rig.server)
-    info = ("route", "pool", "startup", Greeting({}, {}, state, greeting), core)
+    rig.idle_server(core, state)
+    info = ("route", "pool", "startup", Greeting({}, {}, state, AUTH_OK), core)
     rig.engine.logins[STARTUP] = (MD5_SECRET, time.monotonic() + 60, info)
     return core
 
@@ -913,7 +912,7 @@ def log_in(accepting: Accepting) -> tuple[socket.socket, int, int]:
     salt = md5_request(app, accepting.rig)
     app.sendall(msg(b"p", md5_answer(salt)))
     greeting = recv_exactly(app, 9 + 13 + 6, accepting.rig)
-    assert greeting[:9] == b"R\0\0\0\x08\0\0\0\0"  # AuthenticationOk (the greeting kept)
+    assert greeting[:9] == AUTH_OK  # (the greeting kept with the login)
     assert greeting[9:14] == b"K\0\0\0\x0c" and greeting[22:] == READY_IDLE
     pid, key = struct.unpack("!ii", greeting[14:22])
     return app, pid, key

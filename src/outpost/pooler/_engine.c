@@ -146,7 +146,6 @@ struct EngineObject {
     /* connections the engine accepts itself (Engine.listen): see "Clients without a Python
        session" at the top */
     Listener listeners[MAX_LISTENERS];
-    int nlisteners;
     PyObject *materialize;  /* materialize(link): give the link its Python session */
     PyObject *accept_error; /* accept_error(listen fd, OSError): the listener was dropped */
     PyObject *clients;      /* Python's set of sessions (counted against max_clients) */
@@ -372,7 +371,7 @@ static PyObject *link_owner(LinkObject *l) {
         return l->owner;
     }
     EngineObject *e = l->engine;
-    if (e == NULL || e->materialize == NULL) {
+    if (e == NULL || e->materialize == NULL || e->materialize == Py_None) {
         PyErr_SetString(PyExc_RuntimeError, "a client link without a session and no way to make one");
         return NULL;
     }
@@ -1840,24 +1839,51 @@ static void Link_dealloc(LinkObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *Link_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"owner", "server", "txn", NULL};
-    PyObject *owner;
-    int server, txn;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Opp", kwlist, &owner, &server, &txn))
-        return NULL;
+/* A new link, no socket yet: OWNER is called back (None: a client the engine runs alone). */
+static LinkObject *link_new(PyTypeObject *type, PyObject *owner, int server, int txn) {
     LinkObject *self = (LinkObject *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
-    Py_INCREF(owner);
-    self->owner = owner;
+    self->owner = Py_NewRef(owner);
     self->server = server;
     self->txn = txn;
     self->status = 'I';
     self->reading = 1;
     self->forwarding = 1;
     self->fd = -1;
-    return (PyObject *)self;
+    return self;
+}
+
+static PyObject *Link_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"owner", "server", "txn", NULL};
+    PyObject *owner;
+    int server, txn;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Opp", kwlist, &owner, &server, &txn))
+        return NULL;
+    return (PyObject *)link_new(type, owner, server, txn);
+}
+
+/* L reads and writes FD from now on, in E's epoll set and table (EXTRA: its get_extra_info).
+ * 0, or -1 with an exception (FD is then still the caller's). */
+static int link_register(LinkObject *l, EngineObject *e, int fd, PyObject *extra) {
+    uint32_t ev = (l->reading && !l->throttled) ? EPOLLIN : 0;
+    struct epoll_event event = {.events = ev, .data.ptr = l};
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &event) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    PyObject *key = PyLong_FromLong(fd);
+    if (key == NULL || PyDict_SetItem(e->links, key, (PyObject *)l) < 0) {
+        Py_XDECREF(key);
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+        return -1;
+    }
+    Py_DECREF(key);
+    l->fd = fd;
+    l->events = ev;
+    Py_XSETREF(l->engine, (EngineObject *)Py_NewRef(e));
+    Py_XSETREF(l->extra, Py_NewRef(extra));
+    return 0;
 }
 
 /* Give the link its I/O: an asyncio transport (written to with write()) ... */
@@ -1886,23 +1912,8 @@ static PyObject *Link_adopt(LinkObject *self, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "the engine is closed");
         return NULL;
     }
-    uint32_t ev = (self->reading && !self->throttled) ? EPOLLIN : 0;
-    struct epoll_event e = {.events = ev, .data.ptr = self};
-    if (epoll_ctl(eng->epfd, EPOLL_CTL_ADD, fd, &e) < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    PyObject *key = PyLong_FromLong(fd);
-    if (key == NULL || PyDict_SetItem(eng->links, key, (PyObject *)self) < 0) {
-        Py_XDECREF(key);
-        epoll_ctl(eng->epfd, EPOLL_CTL_DEL, fd, NULL);
+    if (link_register(self, eng, fd, extra) < 0)
         return NULL;
-    }
-    Py_DECREF(key);
-    self->fd = fd;
-    self->events = ev;
-    Py_INCREF(engine);
-    Py_XSETREF(self->engine, eng);
-    Py_INCREF(extra);
-    Py_XSETREF(self->extra, extra);
     Py_CLEAR(self->transport);
     Py_RETURN_NONE;
 }
@@ -2618,17 +2629,11 @@ static void listener_drop(EngineObject *e, Listener *ls) {
 static int engine_take_client(EngineObject *e, Listener *ls, int fd, struct sockaddr_storage *addr) {
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    LinkObject *l = (LinkObject *)LinkType.tp_alloc(&LinkType, 0);
+    LinkObject *l = link_new(&LinkType, Py_None, 0, e->client_txn);
     if (l == NULL) {
         close(fd);
         return -1;
     }
-    l->owner = Py_NewRef(Py_None);
-    l->txn = e->client_txn;
-    l->status = 'I';
-    l->reading = 1;
-    l->forwarding = 1;
-    l->fd = -1;
     int port = 0;
     l->peer_host = address_text(addr, &port);
     l->peer_port = port;
@@ -2657,22 +2662,8 @@ static int engine_take_client(EngineObject *e, Listener *ls, int fd, struct sock
     }
     l->connect_time = now_wall();
     l->request_at = now_mono();
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = l};
-    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
+    if (link_register(l, e, fd, e->no_extra) < 0)
         goto fail;
-    }
-    PyObject *key = PyLong_FromLong(fd);
-    if (key == NULL || PyDict_SetItem(e->links, key, (PyObject *)l) < 0) {
-        Py_XDECREF(key);
-        epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
-        goto fail;
-    }
-    Py_DECREF(key);
-    l->fd = fd;
-    l->events = EPOLLIN;
-    l->engine = (EngineObject *)Py_NewRef(e);
-    l->extra = Py_NewRef(e->no_extra);
     l->unowned = 1;
     e->unowned++;
     if (PyDict_GET_SIZE(e->logins) && PySet_GET_SIZE(e->clients) + e->unowned <= e->max_clients) {
@@ -2706,14 +2697,16 @@ static void engine_accept(EngineObject *e, Listener *ls) {
                 return;
             int err = errno, lfd = ls->fd;
             listener_drop(e, ls);
-            PyObject *exc = os_error(err), *fdo = PyLong_FromLong(lfd), *r = NULL;
-            if (exc != NULL && fdo != NULL && e->accept_error != NULL && e->accept_error != Py_None)
-                r = (py_calls++, PyObject_CallFunctionObjArgs(e->accept_error, fdo, exc, NULL));
-            else
-                r = Py_NewRef(Py_None);
-            if (r == NULL)
-                PyErr_WriteUnraisable((PyObject *)e);
-            Py_XDECREF(r);
+            PyObject *exc = os_error(err), *fdo = PyLong_FromLong(lfd);
+            if (e->accept_error != NULL && e->accept_error != Py_None) {
+                py_calls++;
+                PyObject *r = exc != NULL && fdo != NULL
+                                  ? PyObject_CallFunctionObjArgs(e->accept_error, fdo, exc, NULL)
+                                  : NULL;
+                if (r == NULL)
+                    PyErr_WriteUnraisable((PyObject *)e);
+                Py_XDECREF(r);
+            }
             Py_XDECREF(exc);
             Py_XDECREF(fdo);
             return;

@@ -34,6 +34,11 @@ def _fd_of(fileobj: _FileObj) -> int:
     return fd
 
 
+def _check_events(events: int) -> None:
+    if not events or events & ~(selectors.EVENT_READ | selectors.EVENT_WRITE):
+        raise ValueError(f"invalid events: {events!r}")
+
+
 class _Map(Mapping[_FileObj, selectors.SelectorKey]):
     def __init__(self, keys: dict[int, selectors.SelectorKey]) -> None:
         self._keys = keys
@@ -60,8 +65,7 @@ class EngineSelector(selectors.BaseSelector):
         self._map = _Map(self._keys)
 
     def register(self, fileobj: _FileObj, events: int, data: Any = None) -> selectors.SelectorKey:
-        if not events or events & ~(selectors.EVENT_READ | selectors.EVENT_WRITE):
-            raise ValueError(f"invalid events: {events!r}")
+        _check_events(events)
         fd = _fd_of(fileobj)
         if fd in self._keys:
             raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
@@ -84,8 +88,7 @@ class EngineSelector(selectors.BaseSelector):
         if key is None:
             raise KeyError(f"{fileobj!r} is not registered")
         if events != key.events:
-            if not events or events & ~(selectors.EVENT_READ | selectors.EVENT_WRITE):
-                raise ValueError(f"invalid events: {events!r}")
+            _check_events(events)
             self.engine.watch(fd, events)
         key = key._replace(events=events, data=data)
         self._keys[fd] = key

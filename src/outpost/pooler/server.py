@@ -1181,8 +1181,8 @@ class PoolerServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.AbstractServer] = []
         #: listeners whose connections the engine accepts (plain TCP while TLS is off):
-        #: socket -> the address its connections have ("" for a wildcard listener)
-        self._accepting: dict[socket.socket, tuple[str, int]] = {}
+        #: socket -> the address its connections have (None: a wildcard listener, asked each)
+        self._accepting: dict[socket.socket, tuple[str, int] | None] = {}
         self.tls_context = self._make_tls_context(config)
         #: client_tls_sslmode require or stricter: clients without TLS are refused
         self.tls_required = config.client_sslmode in ("require", "verify-ca", "verify-full")
@@ -1265,8 +1265,8 @@ class PoolerServer:
             and sock.family in (socket.AF_INET, socket.AF_INET6)
         ):
             sock.setblocking(False)
-            self._accepting[sock] = local
-            self.engine.listen(sock.fileno(), local if local[0] else None)
+            self._accepting[sock] = at = local if local[0] else None
+            self.engine.listen(sock.fileno(), at)
             return
         loop = asyncio.get_running_loop()
         server = await loop.create_server(partial(ClientSession, self, local), sock=sock)
@@ -1287,9 +1287,7 @@ class PoolerServer:
 
     def _resume_accepting(self, sock: socket.socket) -> None:
         if sock in self._accepting and self.engine is not None:
-            self.engine.listen(
-                sock.fileno(), self._accepting[sock] if self._accepting[sock][0] else None
-            )
+            self.engine.listen(sock.fileno(), self._accepting[sock])
 
     def _stop_accepting(self) -> list[socket.socket]:
         socks = list(self._accepting)
